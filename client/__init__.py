@@ -1,0 +1,1 @@
+"""flexfed.client: what a data owner runs behind its firewall."""

@@ -1,0 +1,1 @@
+"""flexfed.proto: the Consortium API (generated protobuf code lives in v1/)."""

@@ -1,0 +1,1 @@
+"""flexfed.server: the coordinator run by the consortium operator."""
