@@ -16,6 +16,7 @@ through which any bundle passes before it is used.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 
 from flexfed.common.anchor import Anchor, ExpertShapes
 from flexfed.common.checkpoint import atomic_directory, write_json
-from flexfed.common.errors import MetadataError
+from flexfed.common.errors import MetadataError, MissingFileError
 from flexfed.common.families import PROJECTIONS
 from flexfed.common.safetensors_io import TORCH_DTYPES, save_tensors
 
@@ -35,6 +36,7 @@ SIGNATURE = "model.sig"
 PROVENANCE = "provenance.intoto.json"
 BUNDLE_FILES = frozenset({EXPERT_WEIGHTS, EXPERT_META, SIGNATURE, PROVENANCE})
 EXPERT_FORMAT = "flexfed.expert/v1"
+MAX_META_BYTES = 256 * 1024  # expert.json is a few KiB; the training summary must stay short
 
 ORG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -99,14 +101,17 @@ class ExpertMeta:
                 + (f"; unexpected: {', '.join(extra)}" if extra else "")
             )
         if doc["format"] != EXPERT_FORMAT:
-            raise MetadataError(f"expert.json format must be {EXPERT_FORMAT!r}, got {doc['format']!r}")
+            raise MetadataError(
+                f"expert.json format must be {EXPERT_FORMAT!r}, got {doc['format']!r}"
+            )
         for key in ("org", "name", "family", "anchor_digest", "data_commitment", "license"):
             if not isinstance(doc[key], str):
                 raise MetadataError(f"expert.json field {key!r} must be a string")
         for key in ("org", "name"):
             if not ORG_PATTERN.fullmatch(doc[key]):
                 raise MetadataError(
-                    f"expert.json {key} {doc[key]!r} must be 1-64 letters, digits, '.', '_' or '-'"
+                    f"expert.json {key} {doc[key]!r} must be 1-64 letters, digits, '.', '_' "
+                    "or '-', starting with a letter or digit"
                 )
         for key in ("anchor_digest", "data_commitment"):
             if not _HEX64.fullmatch(doc[key]):
@@ -121,6 +126,7 @@ class ExpertMeta:
                 isinstance(s[k], int) and not isinstance(s[k], bool) and s[k] > 0
                 for k in ("num_layers", "hidden_size", "intermediate_size")
             )
+            or not isinstance(s["dtype"], str)
             or s["dtype"] not in TORCH_DTYPES
         ):
             raise MetadataError("expert.json 'shapes' is malformed")
@@ -137,6 +143,48 @@ class ExpertMeta:
         )
 
 
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise MetadataError(f"{EXPERT_META} has the key {key!r} twice; give each field once")
+        out[key] = value
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise MetadataError(
+        f"{EXPERT_META} holds {name}, which is not JSON; write numbers or null instead"
+    )
+
+
+def read_expert_meta(path: Path, max_bytes: int = MAX_META_BYTES) -> ExpertMeta:
+    """Read expert.json strictly: size limit, standard JSON, no duplicate keys, exact fields.
+
+    Duplicate keys and ``NaN``/``Infinity`` are refused although Python's parser would take
+    them: another verifier's parser may read such a file differently, and what was signed
+    must mean one thing to everyone.
+    """
+    if not path.is_file():
+        raise MissingFileError(f"{EXPERT_META} not found: {path}")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise MetadataError(f"{EXPERT_META} is {size} bytes; at most {max_bytes} are allowed")
+    try:
+        doc = json.loads(
+            path.read_bytes().decode("utf-8"),
+            object_pairs_hook=_reject_duplicate_keys,
+            parse_constant=_reject_constant,
+        )
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MetadataError(f"{EXPERT_META} is not valid UTF-8 JSON: {err}") from err
+    except RecursionError as err:
+        raise MetadataError(f"{EXPERT_META} nests too deeply") from err
+    except OSError as err:
+        raise MetadataError(f"cannot read {path}: {err.strerror or err}") from err
+    return ExpertMeta.from_json(doc)
+
+
 def write_bundle(
     out: Path | str,
     tensors: dict[str, torch.Tensor],
@@ -145,7 +193,7 @@ def write_bundle(
     overwrite: bool = False,
 ) -> Path:
     """Write an expert bundle atomically; it must pass validation against ``anchor`` first."""
-    from flexfed.common.validation import validate_bundle  # noqa: PLC0415 (cycle)
+    from flexfed.common.validation import validate_bundle  # (import cycle)
 
     dtype = TORCH_DTYPES[anchor.shapes.dtype]
     cast = {name: t.detach().to("cpu", dtype).contiguous() for name, t in tensors.items()}

@@ -3,9 +3,10 @@
 :func:`validate_bundle` checks, in this order, and stops at the first failure with an error
 of its own kind and a message that says what to fix:
 
-1. the directory holds only bundle files, and the required ones are there;
-2. sizes: expert.json and the weights are no larger than the anchor allows;
-3. expert.json parses strictly (fields, types, formats);
+1. the directory holds only bundle files, each a plain file (no symbolic links, folders or
+   devices), and the required ones are there;
+2. sizes: no file is larger than its kind allows (the weights: than this anchor's expert);
+3. expert.json parses strictly (standard JSON, no duplicate keys, fields, types, formats);
 4. family and anchor digest are the anchor's;
 5. the safetensors header parses strictly (duplicates, offsets, dtypes, truncation);
 6. exactly the expected tensors, with the expected shapes and the anchor's dtype;
@@ -16,18 +17,24 @@ Signatures and provenance are checked by the signing layer on top of this.
 
 from __future__ import annotations
 
+import stat
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from flexfed.common.anchor import Anchor
 from flexfed.common.bundle import (
     BUNDLE_FILES,
     EXPERT_META,
     EXPERT_WEIGHTS,
+    MAX_META_BYTES,
+    PROVENANCE,
+    SIGNATURE,
     ExpertMeta,
     expected_tensors,
+    read_expert_meta,
 )
-from flexfed.common.checkpoint import read_json
 from flexfed.common.digest import sha256_file
 from flexfed.common.errors import (
     AnchorMismatchError,
@@ -44,7 +51,9 @@ from flexfed.common.safetensors_io import (
     read_tensor,
 )
 
-MAX_META_BYTES = 256 * 1024
+# A signature bundle (certificate chain included) or an in-toto statement is a few KiB; both
+# are copied into every assembled model, so they must stay small.
+MAX_ATTESTATION_BYTES = 1024 * 1024
 MAX_HEADER_BYTES = 1024 * 1024  # an expert header is a few KiB even for 100 layers
 
 
@@ -94,19 +103,39 @@ def validate_bundle(path: Path | str, anchor: Anchor, check_values: bool = True)
             f"{path}: unexpected files in an expert bundle: {', '.join(unexpected)} "
             f"(allowed: {', '.join(sorted(BUNDLE_FILES))})"
         )
+    # Every file is read (and the attestations copied into assembled models) by name, so a
+    # link could smuggle in bytes from anywhere on the coordinator's disk.
+    sizes: dict[str, int] = {}
+    for name in sorted(present):
+        st = (path / name).lstat()
+        if stat.S_ISLNK(st.st_mode):
+            raise BundleError(
+                f"{path}: {name} is a symbolic link; a bundle must hold plain files "
+                "(copy the file in instead of linking it)"
+            )
+        if not stat.S_ISREG(st.st_mode):
+            raise BundleError(f"{path}: {name} is not a plain file")
+        sizes[name] = st.st_size
     for name in (EXPERT_META, EXPERT_WEIGHTS):
-        p = path / name
-        if not p.is_file() or p.is_symlink():
-            raise MissingFileError(f"{path}: {name} is missing (or not a plain file)")
+        if name not in present:
+            raise MissingFileError(
+                f"{path}: {name} is missing; a bundle needs {EXPERT_META} and {EXPERT_WEIGHTS}"
+            )
 
     # --- sizes before parsing anything
-    limit = max_weights_bytes(anchor)
-    size = (path / EXPERT_WEIGHTS).stat().st_size
-    if size > limit:
-        raise BundleError(f"{EXPERT_WEIGHTS} is {size} bytes; an expert for this anchor is at most {limit}")
+    limits = {
+        EXPERT_WEIGHTS: max_weights_bytes(anchor),
+        EXPERT_META: MAX_META_BYTES,
+        SIGNATURE: MAX_ATTESTATION_BYTES,
+        PROVENANCE: MAX_ATTESTATION_BYTES,
+    }
+    for name, size in sizes.items():
+        if size > limits[name]:
+            what = "an expert for this anchor" if name == EXPERT_WEIGHTS else f"a valid {name}"
+            raise BundleError(f"{name} is {size} bytes; {what} is at most {limits[name]}")
 
     # --- expert.json
-    meta = ExpertMeta.from_json(read_json(path / EXPERT_META, EXPERT_META, MAX_META_BYTES))
+    meta = read_expert_meta(path / EXPERT_META)
     if meta.family != anchor.family.dense_model_type:
         raise AnchorMismatchError(
             f"expert family {meta.family!r} does not match the anchor's "
@@ -150,8 +179,13 @@ def validate_bundle(path: Path | str, anchor: Anchor, check_values: bool = True)
     # --- values
     if check_values:
         for name in expected:
-            if not all_finite(read_tensor(header.tensors[name])):
-                raise NonFiniteTensorError(f"{name} holds NaN or infinite values")
+            t = read_tensor(header.tensors[name])
+            if not all_finite(t):
+                nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+                raise NonFiniteTensorError(
+                    f"{name} holds {nan} NaN and {inf} infinite value(s); training diverged: "
+                    "retrain (e.g. with a lower learning rate) before submitting"
+                )
 
     return ExpertBundle(
         path=path,

@@ -20,9 +20,11 @@ from flexfed.common.errors import FlexfedError
 
 # name -> "module:attribute" of a click command or group
 SUBCOMMANDS: dict[str, str] = {
+    "anchor": "flexfed.common.cli.anchor:group",
     "assemble": "flexfed.common.cli.assemble:command",
     "optout": "flexfed.common.cli.optout:command",
     "inspect": "flexfed.common.cli.inspect:command",
+    "client": "flexfed.client.cli:group",
 }
 
 _state = {"verbose": False}

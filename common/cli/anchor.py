@@ -1,0 +1,45 @@
+"""``flexfed anchor create``: publish a public model as the consortium's anchor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.group("anchor")
+def group() -> None:
+    """Operator: make the frozen public model every expert is trained against."""
+
+
+@group.command("create")
+@click.option("--public", required=True, type=click.Path(path_type=Path), help="A dense HF checkpoint directory (olmo2 or llama).")
+@click.option("--data", "data", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="Public data to compute r_pub from (text, .jsonl/.json, .parquet, or folders).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The anchor directory to write.")
+@click.option("--documents", default=1000, show_default=True, type=int, help="Documents sampled for r_pub.")
+@click.option("--max-tokens", default=512, show_default=True, type=int, help="Tokens per document used.")
+@click.option("--seed", default=2025, show_default=True, type=int)
+def create(public: Path, data: tuple[Path, ...], out: Path, documents: int, max_tokens: int, seed: int) -> None:
+    """Copy a public model and add anchor.json with r_pub, the mean public hidden state per layer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flexfed.common.anchor import create_anchor
+    from flexfed.common.checkpoint import Checkpoint
+    from flexfed.common.data import find_data_files, read_documents
+    from flexfed.common.families import family_of_config
+    from flexfed.common.progress import count_progress
+    from flexfed.common.router_init import mlp_input_means, sample_documents
+
+    family_of_config(Checkpoint.open(public).config)  # refuse unsupported models before loading
+    tokenizer = AutoTokenizer.from_pretrained(public)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    docs = sample_documents(list(read_documents(find_data_files(data))), documents, seed)
+    model = AutoModelForCausalLM.from_pretrained(public, dtype=torch.float32)
+    with count_progress("r_pub from public documents", len(docs)) as advance:
+        r_pub = mlp_input_means(model, tokenizer, docs, max_tokens=max_tokens, on_batch=advance)
+    embedder = {"kind": "hidden-states", "documents": len(docs), "max_tokens": max_tokens, "seed": seed}
+    anchor = create_anchor(public, out, r_pub, embedder)
+    click.echo(f"anchor {out}: {anchor.family.dense_model_type}, digest {anchor.digest}")

@@ -1,0 +1,111 @@
+"""Domain-informed router embeddings: r = mean embedding of sampled documents.
+
+FlexOlmo initialises each owner's router row r_i as the mean embedding of documents of its
+data, and r_pub as the same for public data (the coordinator computes r_pub and publishes it
+with the anchor). The paper used an external embedder whose dimension equals the hidden size;
+the dimension-safe default here is the public model's own representation at each MoE layer's
+input, one vector per layer: exactly what that layer's router will see.
+
+Both owners and the coordinator call :func:`mlp_input_means`, so r_i and r_pub live in the
+same space by construction.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from flexfed.common.errors import DataError, UnsupportedModelError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DOCUMENTS = 1000
+DEFAULT_MAX_TOKENS = 512
+
+
+def sample_documents(docs: Sequence[str], n: int, seed: int = 2025) -> list[str]:
+    """Up to ``n`` documents, sampled without replacement with a fixed seed."""
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise DataError("no non-empty documents to compute a router embedding from")
+    if len(docs) <= n:
+        return list(docs)
+    return random.Random(seed).sample(list(docs), n)
+
+
+@torch.no_grad()
+def mlp_input_means(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    docs: Sequence[str],
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    batch_size: int = 8,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[torch.Tensor]:
+    """Per layer, the mean over documents of the mean MLP input over each document's tokens.
+
+    Each document is truncated to ``max_tokens`` tokens. Returns float32 CPU vectors (H,).
+    """
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise UnsupportedModelError(f"{type(model).__name__} has no model.layers")
+    device = next(model.parameters()).device
+    sums = [torch.zeros(model.config.hidden_size, dtype=torch.float64) for _ in layers]
+    captured: list[torch.Tensor | None] = [None] * len(layers)
+    mask_holder: dict[str, torch.Tensor] = {}
+
+    def hook(idx: int) -> Callable[..., None]:
+        def capture(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].float()  # (B, T, H)
+            m = mask_holder["mask"]  # (B, T, 1)
+            captured[idx] = (x * m).sum(1) / m.sum(1)  # (B, H): mean over real tokens
+
+        return capture
+
+    handles = [layer.mlp.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
+    was_training = model.training
+    model.eval()
+    count = 0
+    try:
+        for start in range(0, len(docs), batch_size):
+            batch = list(docs[start : start + batch_size])
+            enc = tokenizer(
+                batch,
+                add_special_tokens=False,
+                truncation=True,
+                max_length=max_tokens,
+                padding=True,
+                return_tensors="pt",
+            )
+            keep = enc["attention_mask"].sum(1) > 0
+            if not keep.any():
+                continue
+            ids = enc["input_ids"][keep].to(device)
+            mask = enc["attention_mask"][keep].to(device)
+            mask_holder["mask"] = mask.unsqueeze(-1).float()
+            model(input_ids=ids, attention_mask=mask)
+            for i, c in enumerate(captured):
+                assert c is not None
+                sums[i] += c.double().sum(0).cpu()
+            count += int(keep.sum())
+            if on_batch is not None:
+                on_batch(len(batch))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if count == 0:
+        raise DataError("every document was empty after tokenisation")
+    log.debug("router embeddings from %d documents", count)
+    return [(s / count).float() for s in sums]
+
+
+def random_router_init(hidden_size: int, num_layers: int, seed: int) -> list[torch.Tensor]:
+    """The 'no domain init' ablation: small random rows (OLMo-core's router init scale)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(hidden_size, generator=g) * 0.002 for _ in range(num_layers)]
