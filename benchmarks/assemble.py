@@ -84,7 +84,7 @@ class BenchConfig:
     workdir: Path | None = None
     keep: bool = False
     seed: int = 0
-    repeat: int = 3
+    repeat: int = 5
 
     def __post_init__(self) -> None:
         if self.dtype not in TORCH_DTYPES:
@@ -271,7 +271,29 @@ def source_files(anchor: Anchor, experts: Sequence[Path]) -> list[Path]:
     return files
 
 
-def copy_baseline(sources: Sequence[Path], dest: Path) -> tuple[int, float]:
+def _copyfile(src: Path, dst: Path) -> None:
+    shutil.copyfile(src, dst)  # os.sendfile on Linux: in-kernel, no user-space buffer
+
+
+def _copy_file_range(src: Path, dst: Path) -> None:
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        remaining = os.fstat(fin.fileno()).st_size
+        while remaining > 0:
+            sent = os.copy_file_range(fin.fileno(), fout.fileno(), remaining)
+            if sent == 0:
+                raise SystemExit(f"{src} shrank while it was copied")
+            remaining -= sent
+
+
+COPIERS: dict[str, Callable[[Path, Path], None]] = {
+    "copyfile": _copyfile,
+    "copy_file_range": _copy_file_range,
+}
+
+
+def copy_baseline(
+    sources: Sequence[Path], dest: Path, copier: Callable[[Path, Path], None]
+) -> tuple[int, float]:
     """Copy files into a fresh directory, fsyncing each; (bytes copied, seconds)."""
     dest.mkdir()
     os.sync()
@@ -279,7 +301,7 @@ def copy_baseline(sources: Sequence[Path], dest: Path) -> tuple[int, float]:
     total = 0
     for k, src in enumerate(sources):
         out = dest / f"{k:03d}-{src.name}"
-        shutil.copyfile(src, out)  # os.sendfile on Linux: in-kernel, like copy_file_range
+        copier(src, out)
         with open(out, "rb+") as f:
             os.fsync(f.fileno())
         total += out.stat().st_size
@@ -349,7 +371,7 @@ class Round:
     """One copy baseline and one assembly, run back to back."""
 
     copied: int
-    t_copy: float
+    t_copy: dict[str, float]  # copier name -> seconds
     child: dict[str, Any]
 
     @property
@@ -366,7 +388,13 @@ class Round:
         return int(max(self.child["peak_through_validation"], self.child["peak_write"]))
 
 
-def report(cfg: BenchConfig, expert_total: int, idle: dict[str, Any], rounds: list[Round]) -> str:
+def report(
+    cfg: BenchConfig,
+    expert_total: int,
+    idle: dict[str, Any],
+    rounds: list[Round],
+    load: tuple[float, float],
+) -> str:
     """The table: medians over the rounds for times, the maximum for memory."""
 
     def med(values: Sequence[float]) -> float:
@@ -375,12 +403,18 @@ def report(cfg: BenchConfig, expert_total: int, idle: dict[str, Any], rounds: li
     out_bytes = rounds[0].out_bytes
     copied = rounds[0].copied
     largest = max(max(r.child["shards"]) for r in rounds)
-    t_copy = med([r.t_copy for r in rounds])
+    t_copy = med([r.t_copy["copyfile"] for r in rounds])
+    t_cfr = med([r.t_copy["copy_file_range"] for r in rounds])
     t_write = med([r.child["t_write"] for r in rounds])
     t_total = med([r.t_total for r in rounds])
     t_validate = med([r.child["t_validate"] for r in rounds])
     copy_rate = copied / t_copy
-    per_round = [(r.out_bytes / r.child["t_write"]) / (r.copied / r.t_copy) for r in rounds]
+
+    def per_round(copier: str) -> str:
+        ratios = [
+            (r.out_bytes / r.child["t_write"]) / (r.copied / r.t_copy[copier]) for r in rounds
+        ]
+        return ", ".join(f"{x:.2f}" for x in ratios)
 
     def rate_row(label: str, nbytes: int, seconds: float, ratio: bool = True) -> str:
         rate = nbytes / seconds
@@ -398,16 +432,21 @@ def report(cfg: BenchConfig, expert_total: int, idle: dict[str, Any], rounds: li
         f"expert weights {_mb(expert_total)} ({expert_total / 2**30:.2f} GiB); output "
         f"{_mb(out_bytes)} in {len(rounds[0].child['shards'])} shard(s); {os.cpu_count()} CPUs; "
         f"median of {len(rounds)} round(s)",
+        f"1-minute load average at start {load[0]:.2f}, at end {load[1]:.2f} "
+        "(other work on the machine makes the times noisy)",
         "",
         f"{'throughput':<34}{'MB':>10}{'seconds':>10}{'MB/s':>9}{'x copy':>9}",
         rate_row("copy baseline (copyfile + fsync)", copied, t_copy),
+        rate_row("  same, copy_file_range + fsync", copied, t_cfr),
         rate_row("assembly: write (stream shards)", out_bytes, t_write),
         rate_row("assembly: end to end", out_bytes, t_total),
         time_row("  open anchor (headers)", "t_open"),
         time_row("  anchor digest (SHA-256)", "t_digest"),
         rate_row("  validate bundles", expert_total, t_validate, ratio=False),
         time_row("  write", "t_write"),
-        "write / copy, per round: " + ", ".join(f"{x:.2f}" for x in per_round),
+        f"write / copy_file_range copy (medians): {(out_bytes / t_write) / (copied / t_cfr):.2f}",
+        f"write / copyfile, each round: {per_round('copyfile')}",
+        f"write / copy_file_range, each round: {per_round('copy_file_range')}",
         "",
         f"{'peak RSS (child processes)':<34}{'MB':>10}{'x shard':>10}",
         _rss_row("import-only child (baseline)", base, largest),
@@ -500,6 +539,7 @@ def main(argv: Sequence[str]) -> None:
 
         (anchor, experts), t_build = timed(lambda: build_inputs(cfg, root))
         print(f"built the anchor and {len(experts)} bundles in {t_build:.0f} s", file=sys.stderr)
+        load_start = os.getloadavg()[0]
         idle = run_child(["idle"])
         sources = source_files(anchor, experts)
         out = root / "assembled"
@@ -507,7 +547,9 @@ def main(argv: Sequence[str]) -> None:
         for k in range(cfg.repeat):
             if out.exists():
                 shutil.rmtree(out)
-            copied, t_copy = copy_baseline(sources, root / "copy")
+            t_copy = {}
+            for name, copier in COPIERS.items():
+                copied, t_copy[name] = copy_baseline(sources, root / "copy", copier)
             os.sync()
             args = ["assemble", str(anchor.path), str(out), str(cfg.max_shard_bytes)]
             child = run_child([*args, *map(str, experts)])
@@ -517,7 +559,8 @@ def main(argv: Sequence[str]) -> None:
         ckpt = Checkpoint.open(out)
         if ckpt.total_bytes() < expert_total:
             raise SystemExit(f"the assembled model holds only {_mb(ckpt.total_bytes())}")
-        print(report(cfg, expert_total, idle, rounds))
+        load = (load_start, os.getloadavg()[0])
+        print(report(cfg, expert_total, idle, rounds, load))
     finally:
         if cfg.keep:
             print(f"kept the scratch files in {root}", file=sys.stderr)

@@ -51,7 +51,7 @@ def read_json(path: Path, what: str, max_bytes: int = MAX_JSON_BYTES) -> dict[st
         raise InvalidInputError(f"{what} {path} is larger than {max_bytes} bytes")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise InvalidInputError(f"{what} {path} is not valid JSON: {err}") from err
     if not isinstance(doc, dict):
         raise InvalidInputError(f"{what} {path} is not a JSON object")

@@ -8,11 +8,12 @@ either family with that tokenizer; :func:`build_anchor` also makes it an anchor.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -83,15 +84,24 @@ def tiny_config(family: str, **overrides: Any) -> Olmo2Config | LlamaConfig:
 
 
 def build_public_model(
-    family: str, out: Path | str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any
+    family: str,
+    out: Path | str,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    **overrides: Any,
 ) -> PreTrainedModel:
-    """Write a randomly initialised dense model of ``family`` with the byte tokenizer."""
+    """Write a randomly initialised dense model of ``family`` (byte tokenizer by default)."""
     torch.manual_seed(seed)
+    tokenizer = tokenizer or byte_tokenizer()
+    overrides.setdefault("vocab_size", len(tokenizer))
+    overrides.setdefault("eos_token_id", tokenizer.eos_token_id)
+    overrides.setdefault("pad_token_id", tokenizer.pad_token_id)
     config = tiny_config(family, **overrides)
     cls = Olmo2ForCausalLM if family == "olmo2" else LlamaForCausalLM
     model = cls(config).to(dtype).eval()
     model.save_pretrained(out)
-    byte_tokenizer().save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return model
 
 
@@ -111,3 +121,18 @@ def build_anchor(
             torch.randn(hidden, generator=g) * 0.02 for _ in range(model.config.num_hidden_layers)
         ]
         return create_anchor(tmp, out, r_pub, {"kind": "random", "seed": seed})
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained locally (seconds for a few MB of text)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[EOS, PAD],
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD)

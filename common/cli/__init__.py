@@ -24,6 +24,8 @@ SUBCOMMANDS: dict[str, str] = {
     "assemble": "flexfed.common.cli.assemble:command",
     "optout": "flexfed.common.cli.optout:command",
     "inspect": "flexfed.common.cli.inspect:command",
+    "eval": "flexfed.common.cli.eval:command",
+    "demo": "flexfed.common.cli.demo:command",
     "client": "flexfed.client.cli:group",
 }
 

@@ -1,0 +1,34 @@
+"""``flexfed eval``: per-domain held-out loss and perplexity of a checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.command("eval")
+@click.option("--model", "model", required=True, type=click.Path(path_type=Path), help="A dense or assembled checkpoint.")
+@click.option("--data", "data", multiple=True, required=True,
+              help="Held-out data of one domain: PATH or NAME=PATH (repeat; the name defaults to the file stem).")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the results as JSON.")
+@click.option("--seq-len", default=256, show_default=True, type=int)
+@click.option("--max-sequences", default=64, show_default=True, type=int, help="Per domain.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def command(model: Path, data: tuple[str, ...], json_out: Path | None, seq_len: int, max_sequences: int, quiet: bool) -> None:
+    """Evaluate MODEL on each domain's held-out data; print loss and perplexity."""
+    from flexfed.common.data import find_data_files, read_documents
+    from flexfed.common.evaluation import evaluate_model
+
+    domains: dict[str, list[str]] = {}
+    for spec in data:
+        name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        p = Path(path)
+        domains[name or p.stem] = list(read_documents(find_data_files([p])))
+    results = evaluate_model(model, domains, seq_len, max_sequences, progress=not quiet)
+    click.echo(f"{'domain':<16} {'loss':>8} {'ppl':>10} {'tokens':>9}")
+    for name, r in results.items():
+        click.echo(f"{name:<16} {r['loss']:>8.4f} {r['ppl']:>10.2f} {r['tokens']:>9}")
+    if json_out is not None:
+        json_out.write_text(json.dumps({"model": str(model), "domains": results}, indent=2) + "\n")
