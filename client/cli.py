@@ -7,43 +7,109 @@ from pathlib import Path
 import click
 
 
-
 @click.group("client")
 def group() -> None:
     """Data owner: train an expert on local data (the data never leaves)."""
 
 
 @group.command("train")
-@click.option("--public", required=True, type=click.Path(path_type=Path), help="The anchor directory (public model + anchor.json).")
-@click.option("--data", "data", multiple=True, required=True, type=click.Path(path_type=Path),
-              help="Text, .jsonl/.json (field 'text'), .parquet, or a folder of them (repeat).")
+@click.option(
+    "--public",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The anchor directory (public model + anchor.json).",
+)
+@click.option(
+    "--data",
+    "data",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Text, .jsonl/.json (field 'text'), .parquet, or a folder of them (repeat).",
+)
 @click.option("--org", required=True, help="Your organisation's name (as in your certificate).")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Where to write the expert bundle.")
-@click.option("--name", default="expert", show_default=True, help="Name of this expert (e.g. its domain).")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Where to write the expert bundle.",
+)
+@click.option(
+    "--name", default="expert", show_default=True, help="Name of this expert (e.g. its domain)."
+)
 @click.option("--max-steps", default=200, show_default=True, type=int, help="Optimizer steps.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--seq-len", default=256, show_default=True, type=int, help="Tokens per training sequence.")
-@click.option("--batch-size", default=8, show_default=True, type=int, help="Sequences per optimizer step.")
-@click.option("--micro-batch-size", default=None, type=int, help="Sequences per forward pass (default: batch size).")
+@click.option(
+    "--seq-len", default=256, show_default=True, type=int, help="Tokens per training sequence."
+)
+@click.option(
+    "--batch-size", default=8, show_default=True, type=int, help="Sequences per optimizer step."
+)
+@click.option(
+    "--micro-batch-size",
+    default=None,
+    type=int,
+    help="Sequences per forward pass (default: batch size).",
+)
 @click.option("--lr", default=9e-4, show_default=True, type=float, help="Peak learning rate.")
-@click.option("--warmup-steps", default=None, type=int, help="Warmup steps (default: 10% of max steps).")
-@click.option("--router-init", default="hidden-states", show_default=True,
-              type=click.Choice(["hidden-states", "random", "public"]),
-              help="How r_i starts: mean public-model hidden state of your documents, random, or r_pub.")
-@click.option("--bias-init", default=0.0, show_default=True, type=float, help="Initial router bias b_i (clamped to <= 0).")
+@click.option(
+    "--warmup-steps", default=None, type=int, help="Warmup steps (default: 10% of max steps)."
+)
+@click.option(
+    "--router-init",
+    default="hidden-states",
+    show_default=True,
+    type=click.Choice(["hidden-states", "random", "public"]),
+    help="How r_i starts: mean public-model hidden state of your documents, random, or r_pub.",
+)
+@click.option(
+    "--bias-init",
+    default=0.0,
+    show_default=True,
+    type=float,
+    help="Initial router bias b_i (clamped to <= 0).",
+)
 @click.option("--max-tokens", default=None, type=int, help="Use at most this many tokens of data.")
-@click.option("--checkpoint-every", default=50, show_default=True, type=int, help="Steps between resumable checkpoints.")
+@click.option(
+    "--checkpoint-every",
+    default=50,
+    show_default=True,
+    type=int,
+    help="Steps between resumable checkpoints.",
+)
 @click.option("--activation-checkpointing", is_flag=True, help="Trade compute for memory.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (CUDA only).")
-@click.option("--license", "license_", default="proprietary; no use without the owner's consent", show_default=True,
-              help="Usage terms attached to the expert.")
+@click.option(
+    "--license",
+    "license_",
+    default="proprietary; no use without the owner's consent",
+    show_default=True,
+    help="Usage terms attached to the expert.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(
-    public: Path, data: tuple[Path, ...], org: str, out: Path, name: str, max_steps: int, device: str,
-    seed: int, seq_len: int, batch_size: int, micro_batch_size: int | None, lr: float,
-    warmup_steps: int | None, router_init: str, bias_init: float, max_tokens: int | None,
-    checkpoint_every: int, activation_checkpointing: bool, compile_: bool, license_: str, quiet: bool,
+    public: Path,
+    data: tuple[Path, ...],
+    org: str,
+    out: Path,
+    name: str,
+    max_steps: int,
+    device: str,
+    seed: int,
+    seq_len: int,
+    batch_size: int,
+    micro_batch_size: int | None,
+    lr: float,
+    warmup_steps: int | None,
+    router_init: str,
+    bias_init: float,
+    max_tokens: int | None,
+    checkpoint_every: int,
+    activation_checkpointing: bool,
+    compile_: bool,
+    license_: str,
+    quiet: bool,
 ) -> None:
     """Train one expert FFN and router embedding on local data; write the expert bundle.
 
@@ -52,12 +118,24 @@ def train(
     from flexfed.client.trainer import TrainConfig, train_expert
 
     cfg = TrainConfig(
-        seq_len=seq_len, batch_size=batch_size, micro_batch_size=micro_batch_size or batch_size,
-        max_steps=max_steps, lr=lr, warmup_steps=warmup_steps, router_init=router_init,
-        bias_init=bias_init, max_tokens=max_tokens, checkpoint_every=checkpoint_every, seed=seed,
-        device=device, activation_checkpointing=activation_checkpointing, compile=compile_,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        micro_batch_size=micro_batch_size or batch_size,
+        max_steps=max_steps,
+        lr=lr,
+        warmup_steps=warmup_steps,
+        router_init=router_init,
+        bias_init=bias_init,
+        max_tokens=max_tokens,
+        checkpoint_every=checkpoint_every,
+        seed=seed,
+        device=device,
+        activation_checkpointing=activation_checkpointing,
+        compile=compile_,
     )
-    result = train_expert(public, data, org, out, cfg, name=name, license=license_, progress=not quiet)
+    result = train_expert(
+        public, data, org, out, cfg, name=name, license=license_, progress=not quiet
+    )
     resumed = f", resumed at step {result.resumed_from}" if result.resumed_from else ""
     click.echo(
         f"wrote {result.out}: {result.steps} steps, {result.tokens:,} tokens, "

@@ -10,30 +10,52 @@ moments are written (safetensors, never pickle) to ``<out>.train-state/``. Rerun
 command resumes from there, and on CPU with a fixed seed the result is bit-identical to an
 uninterrupted run: the data order is a pure function of (seed, step) and the learning rate a
 pure function of the step, so no RNG state needs saving.
+
+Launched by ``torchrun`` with more than one process, training is data-parallel
+(:func:`data_parallel`): every process (rank) holds a replica of the 2-expert model wrapped in
+``DistributedDataParallel`` and takes its share of each step's global batch
+(:func:`per_process_batch`); the all-reduced gradient is the single-process gradient of the
+same global batch. Rank 0 alone evaluates and writes (checkpoints, the bundle, progress).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from torch.nn.parallel import DistributedDataParallel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
-from flexfed.common.data import PackedData, data_commitment, find_data_files, pack_documents, read_documents
 from flexfed.common import __version__
 from flexfed.common.anchor import Anchor, open_anchor
 from flexfed.common.bundle import ORG_PATTERN, ExpertMeta, write_bundle
 from flexfed.common.checkpoint import write_json
+from flexfed.common.data import (
+    PackedData,
+    data_commitment,
+    find_data_files,
+    pack_documents,
+    read_documents,
+)
 from flexfed.common.errors import (
     ConfigError,
     DeviceError,
@@ -132,13 +154,17 @@ class TrainResult:
     resumed_from: int = 0
     history: list[float] = field(default_factory=list)
     model: PreTrainedModel | None = field(default=None, repr=False)  # the trained 2-expert model
+    rank: int = 0  # this process's rank under torchrun; only rank 0 wrote ``out``
+    world_size: int = 1  # processes that trained together
 
 
 def resolve_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise DeviceError("--device cuda was requested but no CUDA device is available; use --device cpu")
+        raise DeviceError(
+            "--device cuda was requested but no CUDA device is available; use --device cpu"
+        )
     return torch.device(requested)
 
 
@@ -146,7 +172,8 @@ def load_tokenizer(anchor: Anchor) -> PreTrainedTokenizerBase:
     path = anchor.path
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise MissingFileError(
-            f"{path} has no tokenizer files (tokenizer.json); the public model must ship its tokenizer"
+            f"{path} has no tokenizer files (tokenizer.json); "
+            "the public model must ship its tokenizer"
         )
     try:
         tok = AutoTokenizer.from_pretrained(path)
@@ -176,11 +203,158 @@ def _check_writable(out: Path) -> None:
         raise ConfigError(f"cannot write the output next to {out}: {err.strerror or err}") from err
 
 
+# --- data parallelism (torchrun) ------------------------------------------------------------
+
+# NOTE: every collective waits at most this long, so a rank that dies or hangs without torchrun
+# noticing (torchrun itself stops all ranks as soon as one exits with an error) cannot block
+# the others forever. Rank 0's checkpoint and bundle writes happen while the others wait.
+DIST_TIMEOUT = timedelta(minutes=30)
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """Where this process sits in a ``torchrun`` launch; rank 0 of 1 when not launched by it."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def _env_int(name: str, default: int | None = None) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        if default is None:
+            raise ConfigError(f"{name} is not set; launch data-parallel training with torchrun")
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def _rank_device(requested: str, local_rank: int) -> torch.device:
+    """The device of one torchrun process: ``cuda:LOCAL_RANK`` on CUDA, else the CPU."""
+    if requested.startswith("cuda:"):
+        raise ConfigError(
+            f"--device {requested} cannot be used under torchrun: each process uses "
+            "cuda:LOCAL_RANK; pass --device cuda (choose GPUs with CUDA_VISIBLE_DEVICES)"
+        )
+    device = resolve_device(requested)
+    if device.type != "cuda":
+        return device
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise DeviceError(
+            f"torchrun started process {local_rank} on this node, which sees only {count} "
+            f"GPU(s); use --nproc_per_node {count} or fewer"
+        )
+    return torch.device("cuda", local_rank)
+
+
+@contextmanager
+def data_parallel(requested_device: str) -> Iterator[DataParallel]:
+    """Join the process group when launched by torchrun with WORLD_SIZE > 1; leave it after.
+
+    NCCL on CUDA (each rank on ``cuda:LOCAL_RANK``), gloo on the CPU. A process group that
+    the caller already initialised is used as it is and left alone.
+    """
+    if _env_int("WORLD_SIZE", 1) <= 1 and not (dist.is_available() and dist.is_initialized()):
+        yield DataParallel(resolve_device(requested_device))
+        return
+    device = _rank_device(requested_device, _env_int("LOCAL_RANK", 0))
+    owned = not dist.is_initialized()
+    if owned:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", timeout=DIST_TIMEOUT, device_id=device)
+        else:
+            dist.init_process_group("gloo", timeout=DIST_TIMEOUT)
+    try:
+        yield DataParallel(device, dist.get_rank(), dist.get_world_size())
+    finally:
+        if owned:
+            dist.destroy_process_group()
+
+
+def per_process_batch(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(sequences per process per step, sequences per forward pass) for ``world_size`` ranks.
+
+    Each rank takes ``batch_size / world_size`` consecutive sequences of the step's global
+    batch, so the ranks' shares together are exactly the single-process batch, and runs them
+    in micro-batches of ``min(micro_batch_size, share)`` (the CLI's default micro-batch is the
+    whole batch, which must still work on N GPUs), which must divide the share.
+    """
+    if cfg.batch_size % world_size:
+        raise ConfigError(
+            f"batch-size {cfg.batch_size} cannot be split evenly over {world_size} processes; "
+            f"use a batch-size that is a multiple of {world_size}"
+        )
+    share = cfg.batch_size // world_size
+    micro = min(cfg.micro_batch_size, share)
+    if share % micro:
+        raise ConfigError(
+            f"each of the {world_size} processes gets {share} sequences of every batch, which "
+            f"micro-batches of {micro} do not divide; use a micro-batch-size that divides "
+            f"{share}, or a batch-size that is a multiple of {world_size * micro}"
+        )
+    return share, micro
+
+
+def _agree(par: DataParallel, value: Any, what: str) -> None:
+    """Raise :class:`ConfigError` on every rank unless all ranks hold the same ``value``."""
+    if not par.enabled:
+        return
+    digest = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).digest()
+    mine = torch.tensor(list(digest[:16]), dtype=torch.int64, device=par.device)  # (16,)
+    everyone = [torch.empty_like(mine) for _ in range(par.world_size)]
+    dist.all_gather(everyone, mine)
+    odd = [rank for rank, theirs in enumerate(everyone) if not torch.equal(theirs, everyone[0])]
+    if odd:
+        raise ConfigError(
+            f"the torchrun processes disagree on {what} (rank {odd[0]} differs from rank 0); "
+            "every process must see the same --public, --data and --out paths, on a shared "
+            "filesystem when training on several nodes"
+        )
+
+
+def _mean_over_ranks(par: DataParallel, values: list[float]) -> list[float]:
+    if not par.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=par.device)
+    dist.all_reduce(t)
+    return [v / par.world_size for v in t.tolist()]
+
+
+def _from_main(par: DataParallel, values: list[float]) -> list[float]:
+    """Rank 0's ``values`` on every rank; also a barrier: the others wait for rank 0 here."""
+    if not par.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=par.device)
+    dist.broadcast(t, src=0)
+    return [float(v) for v in t.tolist()]
+
+
 # --- resumable state -------------------------------------------------------------------------
 
 
 def _save_state(
-    state_dir: Path, model: PreTrainedModel, opt: torch.optim.Optimizer, step: int, info: dict[str, Any]
+    state_dir: Path,
+    model: PreTrainedModel,
+    opt: torch.optim.Optimizer,
+    step: int,
+    info: dict[str, Any],
 ) -> None:
     """Write trainable tensors, optimizer moments and progress; atomically, newest wins."""
     names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
@@ -248,7 +422,9 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: torch.Tensor, micro_batch: int, device: torch.device, max_batches: int) -> float:
+def evaluate(
+    model: nn.Module, data: torch.Tensor, micro_batch: int, device: torch.device, max_batches: int
+) -> float:
     """Mean next-token loss over (at most ``max_batches``) validation micro-batches."""
     was = model.training
     model.eval()
@@ -271,7 +447,12 @@ def _autocast(device: torch.device) -> Any:
 
 def _fingerprint(cfg: TrainConfig, anchor: Anchor, commitment: str, org: str) -> dict[str, Any]:
     keep = {k: v for k, v in asdict(cfg).items() if k not in {"checkpoint_every", "device"}}
-    return {"config": keep, "anchor_digest": anchor.digest, "data_commitment": commitment, "org": org}
+    return {
+        "config": keep,
+        "anchor_digest": anchor.digest,
+        "data_commitment": commitment,
+        "org": org,
+    }
 
 
 def train_expert(
@@ -284,13 +465,71 @@ def train_expert(
     license: str = "proprietary; no use without the owner's consent",
     progress: bool = True,
 ) -> TrainResult:
-    """Train one expert on local data and write its bundle to ``out``."""
+    """Train one expert on local data and write its bundle to ``out``.
+
+    Under ``torchrun`` with several processes every process calls this with the same
+    arguments: they train one model data-parallel, and only rank 0 writes ``out``.
+    """
     out = Path(out)
     if not ORG_PATTERN.fullmatch(org):
         raise ConfigError(f"--org {org!r} must be 1-64 letters, digits, '.', '_' or '-'")
     if not ORG_PATTERN.fullmatch(name):
         raise ConfigError(f"--name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
-    device = resolve_device(cfg.device)
+    with data_parallel(cfg.device) as par:
+        return _train_expert(
+            public, data, org, out, cfg, name, license, progress and par.is_main, par
+        )
+
+
+def _open_state_dir(state_dir: Path, fingerprint: dict[str, Any], par: DataParallel) -> None:
+    """Check that ``state_dir`` holds this run's state, or (rank 0) claim it for this run."""
+    run_file = state_dir / "run.json"
+    recorded = json.loads(run_file.read_text()) if run_file.is_file() else None
+    if recorded is not None and recorded != json.loads(json.dumps(fingerprint)):
+        raise ConfigError(
+            f"{state_dir} holds the state of a different run (other data, anchor or settings); "
+            "remove it to start afresh, or rerun the original command to resume"
+        )
+    # NOTE: a collective, so every rank has read run.json before rank 0 may write it.
+    _agree(par, fingerprint, "the anchor, the data or the settings")
+    if recorded is None and par.is_main:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_file, fingerprint)
+
+
+def _wrap(
+    model: PreTrainedModel, cfg: TrainConfig, par: DataParallel
+) -> tuple[nn.Module, DistributedDataParallel | None]:
+    """The module the loop calls (DDP over ``model`` when data-parallel, compiled on request)."""
+    ddp = None
+    wrapped: nn.Module = model
+    if par.enabled:
+        # NOTE: DDP hooks only parameters with requires_grad, so the frozen public tensors are
+        # never all-reduced. Every trainable tensor (new FFN, r_i, b_i of every layer) takes
+        # part in every forward, so find_unused_parameters (an extra graph walk) is not needed.
+        # Construction broadcasts rank 0's parameters: all ranks start from rank 0's router init.
+        ddp = DistributedDataParallel(
+            model, device_ids=[par.device.index] if par.device.type == "cuda" else None
+        )
+        wrapped = ddp
+    if cfg.compile and par.device.type == "cuda":
+        wrapped = torch.compile(wrapped)  # type: ignore[assignment]
+    return wrapped, ddp
+
+
+def _train_expert(
+    public: Path | str,
+    data: Sequence[Path | str],
+    org: str,
+    out: Path,
+    cfg: TrainConfig,
+    name: str,
+    license: str,
+    progress: bool,
+    par: DataParallel,
+) -> TrainResult:
+    device = par.device
+    share, micro = per_process_batch(cfg, par.world_size)
     anchor = open_anchor(public)
     _check_writable(out)
     tokenizer = load_tokenizer(anchor)
@@ -305,18 +544,10 @@ def train_expert(
     log.info("data: %d documents, %d train sequences", packed.num_documents, len(packed.train))
 
     state_dir = state_dir_for(out)
-    fingerprint = _fingerprint(cfg, anchor, commitment, org)
-    run_file = state_dir / "run.json"
-    if run_file.is_file():
-        if json.loads(run_file.read_text()) != json.loads(json.dumps(fingerprint)):
-            raise ConfigError(
-                f"{state_dir} holds the state of a different run (other data, anchor or settings); "
-                "remove it to start afresh, or rerun the original command to resume"
-            )
-    else:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_file, fingerprint)
+    _open_state_dir(state_dir, _fingerprint(cfg, anchor, commitment, org), par)
 
+    # NOTE: every rank computes the router init (a deterministic function of the data and the
+    # seed, as cheap in parallel as on one rank); DDP then makes rank 0's copy everyone's.
     router_init = _router_init(cfg, anchor, tokenizer, docs, device)
     model = build_training_model(anchor, router_init, cfg.bias_init, device=device)
     if cfg.activation_checkpointing:
@@ -324,23 +555,37 @@ def train_expert(
     model.train()
     params = trainable_parameters(model)
     opt = torch.optim.AdamW(
-        params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
+        params,
+        lr=cfg.lr,
+        betas=cfg.betas,
+        weight_decay=cfg.weight_decay,
+        fused=device.type == "cuda",
     )
-    forward = torch.compile(model) if cfg.compile and device.type == "cuda" else model
 
+    # Every rank loads the same state (rank 0 writes it only between steps, below).
     resumed = _load_state(state_dir, model, opt)
     start = int(resumed["step"]) if resumed else 0
-    val_public = (
-        float(resumed["val_loss_public"])
-        if resumed
-        else evaluate(model, packed.val, cfg.micro_batch_size, device, cfg.eval_batches)
-    )
+    _agree(par, start, "the step to resume from")
+    if resumed:
+        val_public = float(resumed["val_loss_public"])
+    elif par.is_main:
+        val_public = evaluate(model, packed.val, cfg.micro_batch_size, device, cfg.eval_batches)
+    else:
+        val_public = float("nan")  # rank 0's value arrives at the end
+    forward, ddp = _wrap(model, cfg, par)
     history: list[float] = list(resumed.get("history", [])) if resumed else []
     tokens_per_step = cfg.batch_size * cfg.seq_len
     if progress:
         where = f"resuming at step {start}" if start else "starting"
-        console.print(f"{org}/{name}: {where}; resumable state in {state_dir}")
-    accum = cfg.batch_size // cfg.micro_batch_size
+        ranks = f" on {par.world_size} processes" if par.enabled else ""
+        console.print(f"{org}/{name}: {where}{ranks}; resumable state in {state_dir}")
+    # NOTE: each rank divides its micro-batch losses by its own accumulation count and DDP
+    # averages the gradients over the ranks, so the step's gradient is micro / batch_size times
+    # the sum of the gradients of all micro-batch mean losses: the gradient of the mean loss
+    # over the global batch, as in one process. (Every sequence holds seq_len labelled tokens,
+    # so means over equal-sized micro-batches average to the batch mean.)
+    accum = share // micro
+    first = par.rank * share  # this rank's share: sequences [first, first + share) of the batch
     t0 = time.monotonic()
 
     with training_progress(cfg.max_steps, start, tokens_per_step, enabled=progress) as report:
@@ -349,14 +594,19 @@ def train_expert(
             for group in opt.param_groups:
                 group["lr"] = lr
             idx = batch_indices(step, cfg.batch_size, len(packed.train), cfg.seed)
+            idx = idx[first : first + share]  # (share,)
             step_loss = 0.0
             for m in range(accum):
-                ids = packed.train[idx[m * cfg.micro_batch_size : (m + 1) * cfg.micro_batch_size]].to(device)
-                with _autocast(device):
-                    out_ = forward(input_ids=ids, labels=ids)
-                    loss = out_.loss + cfg.z_loss_weight * router_z_loss(model)
-                (loss / accum).backward()
+                # Gradients are all-reduced once per step, in the last micro-batch's backward.
+                last = m == accum - 1
+                with ddp.no_sync() if ddp is not None and not last else nullcontext():
+                    ids = packed.train[idx[m * micro : (m + 1) * micro]].to(device)  # (micro, T)
+                    with _autocast(device):
+                        out_ = forward(input_ids=ids, labels=ids)
+                        loss = out_.loss + cfg.z_loss_weight * router_z_loss(model)
+                    (loss / accum).backward()
                 step_loss += float(out_.loss.detach()) / accum
+            [step_loss] = _mean_over_ranks(par, [step_loss])
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -364,36 +614,43 @@ def train_expert(
             report(step + 1, step_loss)
             done = step + 1
             if done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
-                _save_state(state_dir, model, opt, done, {"val_loss_public": val_public, "history": history})
+                if par.is_main:
+                    info = {"val_loss_public": val_public, "history": history}
+                    _save_state(state_dir, model, opt, done, info)
+                par.barrier()
 
     seconds = time.monotonic() - t0
-    val_expert = evaluate(model, packed.val, cfg.micro_batch_size, device, cfg.eval_batches)
     steps_run = cfg.max_steps
     final_loss = history[-1] if history else float("nan")
-    meta = ExpertMeta(
-        org=org,
-        name=name,
-        family=anchor.family.dense_model_type,
-        anchor_digest=anchor.digest,
-        shapes=anchor.shapes,
-        data_commitment=commitment,
-        training={
-            "steps": steps_run,
-            "tokens": steps_run * tokens_per_step,
-            "final_loss": round(final_loss, 6),
-            "val_loss_public": round(val_public, 6),
-            "val_loss_expert": round(val_expert, 6),
-            "seed": cfg.seed,
-            "code_version": __version__,
-            "documents": packed.num_documents,
-            "hyperparameters": {
-                k: v for k, v in asdict(cfg).items() if k not in {"device", "checkpoint_every"}
+    val_expert = float("nan")
+    if par.is_main:
+        val_expert = evaluate(model, packed.val, cfg.micro_batch_size, device, cfg.eval_batches)
+        meta = ExpertMeta(
+            org=org,
+            name=name,
+            family=anchor.family.dense_model_type,
+            anchor_digest=anchor.digest,
+            shapes=anchor.shapes,
+            data_commitment=commitment,
+            training={
+                "steps": steps_run,
+                "tokens": steps_run * tokens_per_step,
+                "final_loss": round(final_loss, 6),
+                "val_loss_public": round(val_public, 6),
+                "val_loss_expert": round(val_expert, 6),
+                "seed": cfg.seed,
+                "code_version": __version__,
+                "documents": packed.num_documents,
+                "hyperparameters": {
+                    k: v for k, v in asdict(cfg).items() if k not in {"device", "checkpoint_every"}
+                },
             },
-        },
-        license=license,
-    )
-    write_bundle(out, extract_expert(model), meta, anchor)
-    shutil.rmtree(state_dir, ignore_errors=True)
+            license=license,
+        )
+        write_bundle(out, extract_expert(model), meta, anchor)
+        shutil.rmtree(state_dir, ignore_errors=True)
+    # The other ranks wait here until rank 0 has written the bundle.
+    val_public, val_expert = _from_main(par, [val_public, val_expert])
     return TrainResult(
         out=out,
         steps=steps_run,
@@ -405,6 +662,8 @@ def train_expert(
         resumed_from=start,
         history=history,
         model=model,
+        rank=par.rank,
+        world_size=par.world_size,
     )
 
 
@@ -420,14 +679,18 @@ def train_dense(
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     accum = cfg.batch_size // cfg.micro_batch_size
     losses: list[float] = []
-    with training_progress(cfg.max_steps, 0, cfg.batch_size * cfg.seq_len, enabled=progress) as report:
+    with training_progress(
+        cfg.max_steps, 0, cfg.batch_size * cfg.seq_len, enabled=progress
+    ) as report:
         for step in range(cfg.max_steps):
             for group in opt.param_groups:
                 group["lr"] = cfg.lr_at(step)
             idx = batch_indices(step, cfg.batch_size, len(train), cfg.seed)
             step_loss = 0.0
             for m in range(accum):
-                ids = train[idx[m * cfg.micro_batch_size : (m + 1) * cfg.micro_batch_size]].to(device)
+                ids = train[idx[m * cfg.micro_batch_size : (m + 1) * cfg.micro_batch_size]].to(
+                    device
+                )
                 with _autocast(device):
                     loss = model(input_ids=ids, labels=ids).loss
                 (loss / accum).backward()

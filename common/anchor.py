@@ -64,7 +64,9 @@ class ExpertShapes:
         """Read the FFN shapes off a dense checkpoint, checking every layer agrees."""
         cfg = ckpt.config
         try:
-            n, h, i = (int(cfg[k]) for k in ("num_hidden_layers", "hidden_size", "intermediate_size"))
+            n, h, i = (
+                int(cfg[k]) for k in ("num_hidden_layers", "hidden_size", "intermediate_size")
+            )
         except (KeyError, TypeError, ValueError) as err:
             raise UnsupportedModelError(f"{ckpt.path}/config.json lacks {err}") from err
         want = {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
@@ -126,7 +128,9 @@ def open_anchor(path: Path | str) -> Anchor:
     if meta.get("format") != ANCHOR_FORMAT:
         raise MetadataError(f"{ANCHOR_FILE}: format must be {ANCHOR_FORMAT!r}")
     if meta.get("family") != family.dense_model_type:
-        raise MetadataError(f"{ANCHOR_FILE} says family {meta.get('family')!r}, config.json disagrees")
+        raise MetadataError(
+            f"{ANCHOR_FILE} says family {meta.get('family')!r}, config.json disagrees"
+        )
     if meta.get("shapes") != shapes.to_json():
         raise MetadataError(f"{ANCHOR_FILE} shapes {meta.get('shapes')} do not match the weights")
     router = read_header(path / ROUTER_FILE).tensors

@@ -140,7 +140,7 @@ def build_moe(
     )
     with atomic_directory(out, overwrite=overwrite) as tmp:
         write_checkpoint(tmp, tensors, moe_config, companions, max_shard_bytes, on_bytes)
-        for index, slot in enumerate(slots):
+        for slot in slots:
             if slot.provenance:
                 dest = tmp / PROVENANCE_DIR / slot_dir_name(slot.record)
                 dest.mkdir(parents=True)

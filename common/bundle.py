@@ -91,8 +91,17 @@ class ExpertMeta:
         """Parse expert.json strictly: exact field set, types and formats."""
         if not isinstance(doc, dict):
             raise MetadataError("expert.json must be a JSON object")
-        want = {"format", "org", "name", "family", "anchor_digest", "shapes", "data_commitment",
-                "training", "license"}
+        want = {
+            "format",
+            "org",
+            "name",
+            "family",
+            "anchor_digest",
+            "shapes",
+            "data_commitment",
+            "training",
+            "license",
+        }
         if set(doc) != want:
             extra, missing = sorted(set(doc) - want), sorted(want - set(doc))
             raise MetadataError(

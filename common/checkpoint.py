@@ -241,7 +241,9 @@ def write_checkpoint(
         weight_map.update({t.name: name for t in shard})
     if len(names) > 1:
         total = sum(t.nbytes for t in tensors)
-        write_json(out_dir / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json(
+            out_dir / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map}
+        )
     write_json(out_dir / CONFIG_FILE, config)
     for src in companions:
         shutil.copyfile(src, out_dir / src.name)

@@ -60,7 +60,9 @@ class ModelFamily(ABC):
         """Parse an MoE checkpoint key; None for shared (non-expert) tensors."""
 
     def is_dense_ffn_key(self, key: str) -> bool:
-        return re.fullmatch(r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj\.weight", key) is not None
+        return (
+            re.fullmatch(r"model\.layers\.\d+\.mlp\.(gate|up|down)_proj\.weight", key) is not None
+        )
 
     def check_dense_config(self, config: dict[str, Any]) -> None:
         """Refuse dense configs whose features the MoE class cannot reproduce exactly."""
@@ -154,8 +156,8 @@ class LlamaFamily(ModelFamily):
     }
 
     # Mixtral's on-disk names: w1 = gate, w3 = up, w2 = down.
-    _to_mixtral = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
-    _from_mixtral = {v: k for k, v in _to_mixtral.items()}
+    _to_mixtral: ClassVar[dict[str, str]] = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+    _from_mixtral: ClassVar[dict[str, str]] = {v: k for k, v in _to_mixtral.items()}
     _key = re.compile(
         r"model\.layers\.(\d+)\.block_sparse_moe\.(?:gate|experts\.(\d+)\.(w[123]))\.weight"
     )

@@ -56,7 +56,9 @@ class AssembledModel:
         self.num_experts, self.top_k = family.moe_shape(self.checkpoint.config)
         slots = self.assembly.get("slots")
         if not isinstance(slots, list) or len(slots) != self.num_experts:
-            raise MetadataError(f"{ASSEMBLY_FILE} lists {len(slots or [])} slots, config has {self.num_experts}")
+            raise MetadataError(
+                f"{ASSEMBLY_FILE} lists {len(slots or [])} slots, config has {self.num_experts}"
+            )
         self.slots: list[dict[str, Any]] = slots
 
     def slot_source(self, index: int) -> SlotSource:

@@ -23,7 +23,9 @@ console = Console(stderr=True)
 
 
 @contextmanager
-def byte_progress(description: str, total: int, enabled: bool = True) -> Iterator[Callable[[int], None]]:
+def byte_progress(
+    description: str, total: int, enabled: bool = True
+) -> Iterator[Callable[[int], None]]:
     """Yield a callback that advances a bytes bar on stderr (silent when not enabled)."""
     if not enabled:
         yield lambda n: None
@@ -74,7 +76,9 @@ def training_progress(
 
 
 @contextmanager
-def count_progress(description: str, total: int, enabled: bool = True) -> Iterator[Callable[[int], None]]:
+def count_progress(
+    description: str, total: int, enabled: bool = True
+) -> Iterator[Callable[[int], None]]:
     """Yield a callback that advances a plain counting bar (documents, batches, experts)."""
     if not enabled:
         yield lambda n: None

@@ -147,9 +147,7 @@ def read_header(
                 f"but its shape and dtype need {nbytes}"
             )
         spans.append((offsets[0], offsets[1], name))
-        tensors[name] = TensorInfo(
-            name, dtype, tuple(shape), path, data_start + offsets[0], nbytes
-        )
+        tensors[name] = TensorInfo(name, dtype, tuple(shape), path, data_start + offsets[0], nbytes)
 
     # The data must be one contiguous run, tensor after tensor, with no gaps or overlaps.
     cursor = 0

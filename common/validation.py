@@ -78,9 +78,7 @@ class ExpertBundle:
 def max_weights_bytes(anchor: Anchor) -> int:
     """The exact data size of a valid expert, plus the largest header we accept."""
     item = DTYPE_SIZES[anchor.shapes.dtype]
-    data = sum(
-        item * _numel(shape) for shape in expected_tensors(anchor.shapes).values()
-    )
+    data = sum(item * _numel(shape) for shape in expected_tensors(anchor.shapes).values())
     return data + 8 + MAX_HEADER_BYTES
 
 

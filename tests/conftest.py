@@ -19,7 +19,9 @@ FAMILIES = ["olmo2", "llama"]
 @pytest.fixture(scope="session", params=FAMILIES)
 def anchor(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Anchor:
     """A tiny random anchor of each supported family."""
-    return build_anchor(request.param, tmp_path_factory.mktemp(f"anchor-{request.param}") / "anchor")
+    return build_anchor(
+        request.param, tmp_path_factory.mktemp(f"anchor-{request.param}") / "anchor"
+    )
 
 
 def make_meta(anchor: Anchor, org: str, name: str = "expert") -> ExpertMeta:

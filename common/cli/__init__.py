@@ -51,7 +51,9 @@ class LazyGroup(click.Group):
         return super().get_command(ctx, cmd_name)
 
 
-@click.group(cls=LazyGroup, lazy=SUBCOMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=LazyGroup, lazy=SUBCOMMANDS, context_settings={"help_option_names": ["-h", "--help"]}
+)
 @click.option("-v", "--verbose", is_flag=True, help="Show debug logs and full tracebacks.")
 @click.version_option(package_name="flexfed")
 def cli(verbose: bool) -> None:

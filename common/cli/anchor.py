@@ -13,15 +13,34 @@ def group() -> None:
 
 
 @group.command("create")
-@click.option("--public", required=True, type=click.Path(path_type=Path), help="A dense HF checkpoint directory (olmo2 or llama).")
-@click.option("--data", "data", multiple=True, required=True, type=click.Path(path_type=Path),
-              help="Public data to compute r_pub from (text, .jsonl/.json, .parquet, or folders).")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="The anchor directory to write.")
-@click.option("--documents", default=1000, show_default=True, type=int, help="Documents sampled for r_pub.")
-@click.option("--max-tokens", default=512, show_default=True, type=int, help="Tokens per document used.")
+@click.option(
+    "--public",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="A dense HF checkpoint directory (olmo2 or llama).",
+)
+@click.option(
+    "--data",
+    "data",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Public data to compute r_pub from (text, .jsonl/.json, .parquet, or folders).",
+)
+@click.option(
+    "--out", required=True, type=click.Path(path_type=Path), help="The anchor directory to write."
+)
+@click.option(
+    "--documents", default=1000, show_default=True, type=int, help="Documents sampled for r_pub."
+)
+@click.option(
+    "--max-tokens", default=512, show_default=True, type=int, help="Tokens per document used."
+)
 @click.option("--seed", default=2025, show_default=True, type=int)
-def create(public: Path, data: tuple[Path, ...], out: Path, documents: int, max_tokens: int, seed: int) -> None:
-    """Copy a public model and add anchor.json with r_pub, the mean public hidden state per layer."""
+def create(
+    public: Path, data: tuple[Path, ...], out: Path, documents: int, max_tokens: int, seed: int
+) -> None:
+    """Copy a public model; add anchor.json and r_pub (mean public hidden state per layer)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -40,6 +59,11 @@ def create(public: Path, data: tuple[Path, ...], out: Path, documents: int, max_
     model = AutoModelForCausalLM.from_pretrained(public, dtype=torch.float32)
     with count_progress("r_pub from public documents", len(docs)) as advance:
         r_pub = mlp_input_means(model, tokenizer, docs, max_tokens=max_tokens, on_batch=advance)
-    embedder = {"kind": "hidden-states", "documents": len(docs), "max_tokens": max_tokens, "seed": seed}
+    embedder = {
+        "kind": "hidden-states",
+        "documents": len(docs),
+        "max_tokens": max_tokens,
+        "seed": seed,
+    }
     anchor = create_anchor(public, out, r_pub, embedder)
     click.echo(f"anchor {out}: {anchor.family.dense_model_type}, digest {anchor.digest}")

@@ -9,14 +9,34 @@ import click
 
 
 @click.command("eval")
-@click.option("--model", "model", required=True, type=click.Path(path_type=Path), help="A dense or assembled checkpoint.")
-@click.option("--data", "data", multiple=True, required=True,
-              help="Held-out data of one domain: PATH or NAME=PATH (repeat; the name defaults to the file stem).")
-@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the results as JSON.")
+@click.option(
+    "--model",
+    "model",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="A dense or assembled checkpoint.",
+)
+@click.option(
+    "--data",
+    "data",
+    multiple=True,
+    required=True,
+    help="Held-out data of one domain: PATH or NAME=PATH (repeat; name defaults to the stem).",
+)
+@click.option(
+    "--json", "json_out", type=click.Path(path_type=Path), help="Also write the results as JSON."
+)
 @click.option("--seq-len", default=256, show_default=True, type=int)
 @click.option("--max-sequences", default=64, show_default=True, type=int, help="Per domain.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def command(model: Path, data: tuple[str, ...], json_out: Path | None, seq_len: int, max_sequences: int, quiet: bool) -> None:
+def command(
+    model: Path,
+    data: tuple[str, ...],
+    json_out: Path | None,
+    seq_len: int,
+    max_sequences: int,
+    quiet: bool,
+) -> None:
     """Evaluate MODEL on each domain's held-out data; print loss and perplexity."""
     from flexfed.common.data import find_data_files, read_documents
     from flexfed.common.evaluation import evaluate_model

@@ -20,7 +20,12 @@ from flexfed.common.training_model import (
     trainable_parameters,
 )
 
-TOKENS = torch.tensor([[72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100, 33], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
+TOKENS = torch.tensor(
+    [
+        [72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100, 33],
+        [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
+    ]
+)
 
 
 def logits_of(path: Path) -> torch.Tensor:
@@ -36,7 +41,9 @@ def test_zero_experts_equals_public_model(anchor: Anchor, tmp_path: Path) -> Non
     assert torch.equal(logits_of(tmp_path / "moe"), logits_of(anchor.path))
 
 
-def test_identity_expert_changes_nothing(anchor: Anchor, tmp_path: Path, expert_factory: Callable[..., Path]) -> None:
+def test_identity_expert_changes_nothing(
+    anchor: Anchor, tmp_path: Path, expert_factory: Callable[..., Path]
+) -> None:
     """Invariant 2: an expert equal to the public FFN with r_i = r_pub changes nothing."""
     identity = expert_factory("same", seed=None)
     assemble(anchor, [identity], tmp_path / "moe", top_k=2)
@@ -51,7 +58,9 @@ def test_frozen_tensors_bit_identical_after_optimizer_step(anchor: Anchor) -> No
     assert len(trainable) == layers * 5  # gate/up/down of the new FFN, r_i, b_i
     assert all(".mlp.expert." in n or n.endswith((".mlp.router", ".mlp.bias")) for n in trainable)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = torch.optim.AdamW(trainable_parameters(model), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = torch.optim.AdamW(
+        trainable_parameters(model), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0
+    )
     for _ in range(2):
         out = model(TOKENS, labels=TOKENS)
         loss = out.loss + 1e-3 * router_z_loss(model)
@@ -85,8 +94,12 @@ def test_optout_equals_assembly_without_that_expert(
     optout(tmp_path / "abc", ["b"], tmp_path / "abc-b", max_shard_bytes=shard)
     assemble(anchor, [a, c], tmp_path / "ac", top_k=2, max_shard_bytes=shard)
 
-    files = sorted(p.relative_to(tmp_path / "ac") for p in (tmp_path / "ac").rglob("*") if p.is_file())
-    got = sorted(p.relative_to(tmp_path / "abc-b") for p in (tmp_path / "abc-b").rglob("*") if p.is_file())
+    files = sorted(
+        p.relative_to(tmp_path / "ac") for p in (tmp_path / "ac").rglob("*") if p.is_file()
+    )
+    got = sorted(
+        p.relative_to(tmp_path / "abc-b") for p in (tmp_path / "abc-b").rglob("*") if p.is_file()
+    )
     assert files == got
     assert len([f for f in files if f.suffix == ".safetensors"]) > 1
     for rel in files:

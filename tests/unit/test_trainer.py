@@ -42,7 +42,9 @@ def arithmetic_corpus(path: Path, n: int = 400, seed: int = 0) -> Path:
     return path
 
 
-QUICK = TrainConfig(seq_len=32, batch_size=8, max_steps=6, lr=3e-3, checkpoint_every=3, eval_batches=4)
+QUICK = TrainConfig(
+    seq_len=32, batch_size=8, max_steps=6, lr=3e-3, checkpoint_every=3, eval_batches=4
+)
 
 
 def test_frozen_tensors_bit_identical_after_training(anchor: Anchor, tmp_path: Path) -> None:
@@ -60,10 +62,15 @@ def test_frozen_tensors_bit_identical_after_training(anchor: Anchor, tmp_path: P
             key_in_model = key
         assert torch.equal(named[key_in_model].detach(), ckpt.tensor(key)), key
     for layer in range(anchor.shapes.num_layers):
-        assert torch.equal(named[f"model.layers.{layer}.mlp.router_pub"].detach(), anchor.r_pub(layer))
+        assert torch.equal(
+            named[f"model.layers.{layer}.mlp.router_pub"].detach(), anchor.r_pub(layer)
+        )
     # ... and the bundle holds exactly the trained tensors.
     weights = load_tensors(tmp_path / "expert" / "expert.safetensors")
-    assert torch.equal(weights["layers.0.gate_proj.weight"], named["model.layers.0.mlp.expert.gate_proj.weight"].detach())
+    assert torch.equal(
+        weights["layers.0.gate_proj.weight"],
+        named["model.layers.0.mlp.expert.gate_proj.weight"].detach(),
+    )
     assert not state_dir_for(tmp_path / "expert").exists()
 
 
@@ -78,7 +85,9 @@ def pretrained_anchor(tmp_path: Path) -> Anchor:
 
     public = tmp_path / "public"
     model = build_public_model("olmo2", public, seed=0, hidden_size=64, intermediate_size=128)
-    docs = [inspect.getsource(m) for m in (json.decoder, json.encoder, json.scanner, random, inspect)]
+    docs = [
+        inspect.getsource(m) for m in (json.decoder, json.encoder, json.scanner, random, inspect)
+    ]
     draft = create_anchor(public, tmp_path / "draft", [torch.zeros(64)] * 2, {"kind": "zeros"})
     packed = pack_documents(docs, load_tokenizer(draft), 64, 0.0)
     train_dense(model, packed.train, TrainConfig(seq_len=64, batch_size=16, max_steps=150, lr=3e-3))
@@ -128,9 +137,30 @@ def test_learning_rate_schedule() -> None:
 
 def _train_cmd(anchor: Path, data: Path, out: Path, steps: int) -> list[str]:
     return [
-        FLEXFED, "client", "train", "--public", str(anchor), "--data", str(data), "--org", "acme",
-        "--out", str(out), "--max-steps", str(steps), "--seq-len", "64", "--batch-size", "8",
-        "--checkpoint-every", "4", "--device", "cpu", "--seed", "7", "--quiet",
+        FLEXFED,
+        "client",
+        "train",
+        "--public",
+        str(anchor),
+        "--data",
+        str(data),
+        "--org",
+        "acme",
+        "--out",
+        str(out),
+        "--max-steps",
+        str(steps),
+        "--seq-len",
+        "64",
+        "--batch-size",
+        "8",
+        "--checkpoint-every",
+        "4",
+        "--device",
+        "cpu",
+        "--seed",
+        "7",
+        "--quiet",
     ]
 
 
@@ -138,7 +168,9 @@ def _train_cmd(anchor: Path, data: Path, out: Path, steps: int) -> list[str]:
 def test_kill_and_resume_is_bit_identical(tmp_path: Path) -> None:
     """kill -9 mid-run, rerun the same command: the expert equals an uninterrupted run's."""
     public = tmp_path / "public"
-    build_public_model("olmo2", public, seed=0, hidden_size=64, intermediate_size=256, num_hidden_layers=4)
+    build_public_model(
+        "olmo2", public, seed=0, hidden_size=64, intermediate_size=256, num_hidden_layers=4
+    )
     anchor = create_anchor(public, tmp_path / "anchor", [torch.zeros(64)] * 4, {"kind": "zeros"})
     data = arithmetic_corpus(tmp_path / "sums.jsonl", n=1500)
     steps = 40
@@ -158,7 +190,11 @@ def test_kill_and_resume_is_bit_identical(tmp_path: Path) -> None:
     assert not out.exists()  # nothing half-written is visible
 
     rerun = subprocess.run(
-        _train_cmd(anchor.path, data, out, steps), env=env, capture_output=True, text=True, check=True
+        _train_cmd(anchor.path, data, out, steps),
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "resumed at step" in rerun.stdout
     a = load_tensors(tmp_path / "straight" / "expert.safetensors")
@@ -175,19 +211,25 @@ def test_empty_data_is_a_clear_error(anchor: Anchor, tmp_path: Path) -> None:
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "empty.txt").write_text("")
     with pytest.raises(DataError):
-        train_expert(anchor.path, [tmp_path / "data"], "acme", tmp_path / "out", QUICK, progress=False)
+        train_expert(
+            anchor.path, [tmp_path / "data"], "acme", tmp_path / "out", QUICK, progress=False
+        )
     assert not (tmp_path / "out").exists()
 
 
 def test_missing_data_is_a_clear_error(anchor: Anchor, tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="does not exist|not found|no such"):
-        train_expert(anchor.path, [tmp_path / "nope.txt"], "acme", tmp_path / "out", QUICK, progress=False)
+    with pytest.raises(DataError, match=r"does not exist|not found|no such"):
+        train_expert(
+            anchor.path, [tmp_path / "nope.txt"], "acme", tmp_path / "out", QUICK, progress=False
+        )
 
 
 def test_unsupported_family_is_a_clear_error(tmp_path: Path) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=100)).save_pretrained(tmp_path / "gpt2")
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=100)).save_pretrained(
+        tmp_path / "gpt2"
+    )
     data = arithmetic_corpus(tmp_path / "sums.jsonl")
     with pytest.raises(UnsupportedModelError, match="gpt2"):
         train_expert(tmp_path / "gpt2", [data], "acme", tmp_path / "out", QUICK, progress=False)
@@ -227,9 +269,21 @@ def test_unwritable_output_is_a_clear_error(anchor: Anchor, tmp_path: Path) -> N
 
 def test_cli_reports_errors_in_one_line(anchor: Anchor, tmp_path: Path) -> None:
     proc = subprocess.run(
-        [FLEXFED, "client", "train", "--public", str(anchor.path), "--data", str(tmp_path / "nope"),
-         "--org", "acme", "--out", str(tmp_path / "out")],
-        capture_output=True, text=True,
+        [
+            FLEXFED,
+            "client",
+            "train",
+            "--public",
+            str(anchor.path),
+            "--data",
+            str(tmp_path / "nope"),
+            "--org",
+            "acme",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == DataError.exit_code
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("flexfed: error:")
