@@ -7,16 +7,19 @@ What is measured, on CPU, with inputs built in code (nothing is downloaded):
   anchor with :func:`flexfed.common.anchor.create_anchor` (r_pub = random vectors), and N
   expert bundles are written with :func:`flexfed.common.bundle.write_bundle`. The baseline is
   copying the very files assembly reads (the anchor's weight files and every
-  ``expert.safetensors``) into a fresh directory on the same filesystem with
-  ``shutil.copyfile``, each file fsynced, as assembly fsyncs each shard. Assembly is then timed
-  in phases, the way ``flexfed assemble`` runs it: open the anchor (headers only), the anchor
-  digest (SHA-256 of every anchor file), validation of every bundle (strict header, keys,
-  shapes, dtype, every value read once for finiteness, SHA-256 of each file), and the write
-  (streaming byte ranges into shards). Throughput is output weight bytes per second, for the
-  write alone and end to end, each also as a ratio to the copy's bytes per second.
-  ``os.sync()`` runs before each timed part, so neither pays for the other's dirty pages;
-  the sources are in the page cache for both (they were just written), so this compares the
-  two paths' CPU and write costs, not cold reads.
+  ``expert.safetensors``) into a fresh directory on the same filesystem, each file fsynced as
+  assembly fsyncs each shard: once with ``shutil.copyfile`` (``sendfile`` on Linux), once with
+  a plain ``os.copy_file_range`` loop (the system call assembly itself uses, so that ratio is
+  assembly's own overhead). Assembly is then timed in phases, the way ``flexfed assemble``
+  runs it: open the anchor (headers only), the anchor digest (SHA-256 of every anchor file),
+  validation of every bundle (strict header, keys, shapes, dtype, every value read once for
+  finiteness, SHA-256 of each file), and the write (byte ranges streamed into shards).
+  Throughput is output weight bytes per second, for the write alone and end to end, each as a
+  ratio to the copyfile baseline's bytes per second. ``os.sync()`` runs before each timed part
+  so none pays for another's dirty pages; the sources are in the page cache for all of them
+  (they were just written), so this compares CPU and write costs, not cold reads. Copies and
+  assembly alternate for ``--repeat`` rounds; times are medians, and the per-round ratios
+  are printed too, because on a shared 2-core machine one round can be far off.
 
 - **Peak memory.** The assembly runs in a child process (this script with ``--child``); the
   child reads its own peak resident set size (``VmHWM`` in ``/proc/self/status``) after
@@ -25,12 +28,14 @@ What is measured, on CPU, with inputs built in code (nothing is downloaded):
   same imports) and reports its peak: the baseline. Printed: the peak, the increase over the
   baseline, and both as ratios to the largest shard written.
 
-Memory of the parent, not measured: each bundle's tensors are generated in memory at once
-(write_bundle takes a dict), so the parent holds about two copies of one bundle (~0.6 GB at
-the defaults) while writing it.
+Memory of the parent is not part of the measurement: each bundle's tensors are generated in
+memory at once (write_bundle takes a dict, and save_tensors serialises every tensor to bytes
+before writing), so the parent holds about two copies of one bundle (~0.6 GB at the
+defaults) while writing it.
 
 Run: ``.venv/bin/python benchmarks/assemble.py`` (defaults: 4 experts of 6 layers, hidden
-1024, intermediate 4096, F32 = 4 x 302 MB of expert weights; about 4.5 GB of scratch disk).
+1024, intermediate 4096, F32 = 4 x 302 MB of expert weights, 5 rounds; about 4 GB of
+scratch disk and 1 minute on 2 idle cores).
 """
 
 from __future__ import annotations
@@ -223,7 +228,7 @@ def build_inputs(cfg: BenchConfig, root: Path) -> tuple[Anchor, list[Path]]:
     r_pub = [torch.randn(cfg.hidden, generator=g) * 0.02 for _ in range(cfg.layers)]
     anchor = create_anchor(public, root / "anchor", r_pub, {"kind": "random", "seed": cfg.seed})
     shutil.rmtree(public)  # the anchor is a full copy; free the disk
-    _ = anchor.digest  # computed once here, as a coordinator would have it cached
+    _ = anchor.digest  # every expert.json names it; the child recomputes it, timed
 
     torch_dtype = TORCH_DTYPES[cfg.dtype]
     dirs = []

@@ -421,6 +421,41 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor
     return torch.tensor(out)
 
 
+def accumulate_gradients(
+    forward: nn.Module,
+    model: PreTrainedModel,
+    batch: torch.Tensor,
+    micro: int,
+    z_loss_weight: float,
+    device: torch.device,
+    ddp: DistributedDataParallel | None = None,
+) -> float:
+    """Forward and backward ``batch`` (this process's share of a step) in micro-batches.
+
+    Leaves in ``.grad`` the gradient of the mean loss over the step's *global* batch and
+    returns this process's mean next-token loss. ``forward`` is ``model`` itself, or ``ddp``
+    (``DistributedDataParallel`` over ``model``), possibly compiled.
+    """
+    # NOTE: each process divides its micro-batch losses by its own number of micro-batches and
+    # DDP averages gradients over the N processes, so the result is 1 / (all micro-batches of
+    # the step) times the sum of the gradients of every micro-batch mean loss: the gradient of
+    # the mean over the global batch, as in one process. (Every sequence holds seq_len
+    # labelled tokens, so equal-sized micro-batch means average to the batch mean.)
+    accum = len(batch) // micro
+    step_loss = 0.0
+    for m in range(accum):
+        # Gradients are all-reduced once per step, in the last micro-batch's backward.
+        last = m == accum - 1
+        with ddp.no_sync() if ddp is not None and not last else nullcontext():
+            ids = batch[m * micro : (m + 1) * micro].to(device)  # (micro, T)
+            with _autocast(device):
+                out = forward(input_ids=ids, labels=ids)
+                loss = out.loss + z_loss_weight * router_z_loss(model)
+            (loss / accum).backward()
+        step_loss += float(out.loss.detach()) / accum
+    return step_loss
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, data: torch.Tensor, micro_batch: int, device: torch.device, max_batches: int
@@ -497,10 +532,13 @@ def _open_state_dir(state_dir: Path, fingerprint: dict[str, Any], par: DataParal
         write_json(run_file, fingerprint)
 
 
-def _wrap(
+def wrap_for_training(
     model: PreTrainedModel, cfg: TrainConfig, par: DataParallel
 ) -> tuple[nn.Module, DistributedDataParallel | None]:
-    """The module the loop calls (DDP over ``model`` when data-parallel, compiled on request)."""
+    """(the module the loop calls, the DDP wrapper or None) for ``model`` on this process.
+
+    DDP over ``model`` when data-parallel, ``torch.compile`` on top when asked for on CUDA.
+    """
     ddp = None
     wrapped: nn.Module = model
     if par.enabled:
@@ -572,19 +610,13 @@ def _train_expert(
         val_public = evaluate(model, packed.val, cfg.micro_batch_size, device, cfg.eval_batches)
     else:
         val_public = float("nan")  # rank 0's value arrives at the end
-    forward, ddp = _wrap(model, cfg, par)
+    forward, ddp = wrap_for_training(model, cfg, par)
     history: list[float] = list(resumed.get("history", [])) if resumed else []
     tokens_per_step = cfg.batch_size * cfg.seq_len
     if progress:
         where = f"resuming at step {start}" if start else "starting"
         ranks = f" on {par.world_size} processes" if par.enabled else ""
         console.print(f"{org}/{name}: {where}{ranks}; resumable state in {state_dir}")
-    # NOTE: each rank divides its micro-batch losses by its own accumulation count and DDP
-    # averages the gradients over the ranks, so the step's gradient is micro / batch_size times
-    # the sum of the gradients of all micro-batch mean losses: the gradient of the mean loss
-    # over the global batch, as in one process. (Every sequence holds seq_len labelled tokens,
-    # so means over equal-sized micro-batches average to the batch mean.)
-    accum = share // micro
     first = par.rank * share  # this rank's share: sequences [first, first + share) of the batch
     t0 = time.monotonic()
 
@@ -594,18 +626,10 @@ def _train_expert(
             for group in opt.param_groups:
                 group["lr"] = lr
             idx = batch_indices(step, cfg.batch_size, len(packed.train), cfg.seed)
-            idx = idx[first : first + share]  # (share,)
-            step_loss = 0.0
-            for m in range(accum):
-                # Gradients are all-reduced once per step, in the last micro-batch's backward.
-                last = m == accum - 1
-                with ddp.no_sync() if ddp is not None and not last else nullcontext():
-                    ids = packed.train[idx[m * micro : (m + 1) * micro]].to(device)  # (micro, T)
-                    with _autocast(device):
-                        out_ = forward(input_ids=ids, labels=ids)
-                        loss = out_.loss + cfg.z_loss_weight * router_z_loss(model)
-                    (loss / accum).backward()
-                step_loss += float(out_.loss.detach()) / accum
+            batch = packed.train[idx[first : first + share]]  # (share, T): this rank's share
+            step_loss = accumulate_gradients(
+                forward, model, batch, micro, cfg.z_loss_weight, device, ddp
+            )
             [step_loss] = _mean_over_ranks(par, [step_loss])
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()

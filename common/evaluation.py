@@ -65,3 +65,70 @@ def evaluate_model(
             loss = loss_sum / n
             results[name] = {"loss": loss, "ppl": math.exp(loss), "tokens": n * (seq_len - 1)}
     return results
+
+
+@torch.no_grad()
+def routing_statistics(
+    model_dir: Path | str,
+    domains: Mapping[str, Sequence[str]],
+    seq_len: int = 256,
+    max_sequences: int = 16,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Mean router probability of each expert, per layer and domain, of an MoE checkpoint.
+
+    Returns ``{"experts": E, "layers": L, "probs": {domain: [[p_layer_expert]]}}``: which expert
+    takes which domain's tokens (the full softmax, before top-k).
+    """
+    tokenizer = load_tokenizer(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    gates = [layer.mlp.gate for layer in model.model.layers if hasattr(layer.mlp, "gate")]
+    if not gates:
+        raise DataError(f"{model_dir} is not an MoE model; routing statistics need experts")
+    captured: list[torch.Tensor] = []
+
+    def hook(_m: torch.nn.Module, args: tuple[torch.Tensor, ...], _out: Any) -> None:
+        x = args[0].reshape(-1, args[0].shape[-1])
+        captured.append(torch.softmax(torch.nn.functional.linear(x, _m.weight).float(), dim=-1))
+
+    handles = [g.register_forward_hook(hook) for g in gates]
+    probs: dict[str, list[list[float]]] = {}
+    try:
+        for name, docs in domains.items():
+            data = pack_documents(docs, tokenizer, seq_len, val_fraction=0.0).train[:max_sequences]
+            sums = torch.zeros(len(gates), gates[0].weight.shape[0], dtype=torch.float64)
+            count = 0
+            for i in range(0, len(data), batch_size):
+                captured.clear()
+                model(input_ids=data[i : i + batch_size])
+                for layer, p in enumerate(captured):
+                    sums[layer] += p.double().sum(0)
+                count += captured[0].shape[0]
+            probs[name] = (sums / max(1, count)).tolist()
+    finally:
+        for h in handles:
+            h.remove()
+    return {"experts": gates[0].weight.shape[0], "layers": len(gates), "probs": probs}
+
+
+def write_routing_heatmap(stats: dict[str, Any], path: Path, expert_labels: Sequence[str]) -> None:
+    """One heat-map per layer: rows are domains, columns experts, cells mean probability."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    domains = list(stats["probs"])
+    layers = stats["layers"]
+    fig, axes = plt.subplots(1, layers, figsize=(2.2 + 1.6 * layers, 0.6 + 0.45 * len(domains)))
+    axes = [axes] if layers == 1 else list(axes)
+    for layer, ax in enumerate(axes):
+        grid = [stats["probs"][d][layer] for d in domains]
+        ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        ax.set_title(f"layer {layer}", fontsize=8)
+        ax.set_xticks(range(len(expert_labels)), expert_labels, rotation=60, fontsize=7)
+        ax.set_yticks(range(len(domains)), domains if layer == 0 else [], fontsize=7)
+    fig.suptitle("mean router probability (rows: domain, columns: expert)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

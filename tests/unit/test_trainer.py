@@ -287,3 +287,29 @@ def test_cli_reports_errors_in_one_line(anchor: Anchor, tmp_path: Path) -> None:
     )
     assert proc.returncode == DataError.exit_code
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("flexfed: error:")
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"micro_batch_size": 4},  # gradient accumulation over 2 micro-batches
+        {"activation_checkpointing": True},
+    ],
+    ids=["grad-accumulation", "activation-checkpointing"],
+)
+def test_memory_saving_options_train_the_same_expert(
+    anchor: Anchor, tmp_path: Path, variant: dict[str, object]
+) -> None:
+    """Accumulation and activation checkpointing change memory use, not the result."""
+    from dataclasses import replace
+
+    data = arithmetic_corpus(tmp_path / "sums.jsonl")
+    base = train_expert(anchor.path, [data], "acme", tmp_path / "base", QUICK, progress=False)
+    other = train_expert(
+        anchor.path, [data], "acme", tmp_path / "other", replace(QUICK, **variant), progress=False
+    )
+    a = load_tensors(tmp_path / "base" / "expert.safetensors")
+    b = load_tensors(tmp_path / "other" / "expert.safetensors")
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+    assert other.val_loss_expert == pytest.approx(base.val_loss_expert, abs=1e-4)
