@@ -61,7 +61,7 @@ CUDA each method's peak allocated memory above the resting state (its activation
 gradients).
 
 Run: ``.venv/bin/python benchmarks/train.py`` (defaults: 20 timed steps per method of 8 x 256
-tokens; about 2 minutes on 2 CPU cores).
+tokens; under a minute on 2 idle CPU cores, 1-3 minutes on a busy shared machine).
 """
 
 from __future__ import annotations
@@ -427,7 +427,7 @@ def report(r: Results) -> str:
     threads = "" if cuda else f" ({torch.get_num_threads()} thread(s), {os.cpu_count()} CPUs)"
     head = (
         f"{'method':<24}{'trainable':>12}{'of all':>8}{'ms/step':>9}{'tokens/s':>10}"
-        f"{'p25-p75 tok/s':>16}{'best tok/s':>12}{'GFLOP/tok':>11}{'TFLOP/s':>9}"
+        f"{'p25-p75 tok/s':>16}{'best tok/s':>12}{'MFLOP/tok':>11}{'GFLOP/s':>10}"
         + (f"{'MFU':>8}" if show_mfu else "")
         + f"{'state MB':>10}"
     )
@@ -452,7 +452,7 @@ def report(r: Results) -> str:
             f"{m.label:<24}{m.trainable():>12,}{m.trainable() / m.total():>8.1%}"
             f"{1e3 * statistics.median(m.times):>9.0f}{tps:>10,.0f}{spread:>16}"
             f"{best_tokens_per_s(cfg, m):>12,.0f}"
-            f"{fl.total / 1e9:>11.4f}{achieved / 1e12:>9.3f}"
+            f"{fl.total / 1e6:>11.1f}{achieved / 1e9:>10,.1f}"
         )
         if show_mfu:
             row += f"{achieved / (cfg.peak_tflops * 1e12):>8.2%}"

@@ -136,6 +136,8 @@ def train(
     result = train_expert(
         public, data, org, out, cfg, name=name, license=license_, progress=not quiet
     )
+    if result.rank != 0:  # under torchrun, rank 0 speaks for all
+        return
     resumed = f", resumed at step {result.resumed_from}" if result.resumed_from else ""
     click.echo(
         f"wrote {result.out}: {result.steps} steps, {result.tokens:,} tokens, "

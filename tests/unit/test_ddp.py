@@ -26,7 +26,8 @@ import pytest
 import torch
 
 from flexfed.client import trainer
-from flexfed.client.trainer import TrainConfig, per_process_batch, state_dir_for, train_expert
+from flexfed.client.parallel import per_process_batch
+from flexfed.client.trainer import TrainConfig, state_dir_for, train_expert
 from flexfed.common.anchor import Anchor
 from flexfed.common.checkpoint import Checkpoint
 from flexfed.common.errors import ConfigError
@@ -190,7 +191,8 @@ def test_batch_split_rule() -> None:
 
 
 def _gradient_worker(anchor_dir: str, out_dir: str) -> None:
-    from flexfed.client.trainer import accumulate_gradients, data_parallel, wrap_for_training
+    from flexfed.client.parallel import data_parallel, wrap_for_training
+    from flexfed.client.trainer import accumulate_gradients
     from flexfed.common.anchor import open_anchor
     from flexfed.common.router_init import random_router_init
     from flexfed.common.safetensors_io import save_tensors
@@ -219,7 +221,7 @@ def _gradient_worker(anchor_dir: str, out_dir: str) -> None:
 
 
 def _failing_worker() -> None:
-    from flexfed.client.trainer import data_parallel
+    from flexfed.client.parallel import data_parallel
 
     with data_parallel("cpu") as par:
         if par.rank == 1:
