@@ -34,7 +34,7 @@ before writing), so the parent holds about two copies of one bundle (~0.6 GB at 
 defaults) while writing it.
 
 Run: ``.venv/bin/python benchmarks/assemble.py`` (defaults: 4 experts of 6 layers, hidden
-1024, intermediate 4096, F32 = 4 x 302 MB of expert weights, 5 rounds; about 4 GB of
+1024, intermediate 4096, F32 = 4 x 302 MB of expert weights, 5 rounds; about 5 GB of
 scratch disk and 1 minute on 2 idle cores).
 """
 
@@ -256,13 +256,14 @@ def build_inputs(cfg: BenchConfig, root: Path) -> tuple[Anchor, list[Path]]:
 
 
 def estimated_disk_bytes(cfg: BenchConfig) -> int:
-    """Peak scratch space: public model + anchor copy, bundles, then copy or assembly output."""
+    """Peak scratch space: the anchor and the bundles, plus a copy and an assembled model."""
     h, i, n = cfg.hidden, cfg.intermediate, cfg.layers
     per_layer = 4 * h * h + 3 * h * i + 4 * h
     public = (n * per_layer + 2 * 258 * h + h) * cfg.itemsize
     experts = cfg.experts * cfg.expert_bytes()
-    # public (deleted once the anchor exists) + anchor + bundles + one output of all of it
-    return 2 * public + experts + (public + experts) + 64 * MB
+    # The public model is deleted once the anchor exists, so the peak is anchor + bundles +
+    # one copy of both + one assembled model (the last round's output stays while it copies).
+    return max(2 * public, public + experts + 2 * (public + experts)) + 64 * MB
 
 
 # --- the two timed operations --------------------------------------------------------------
@@ -549,17 +550,25 @@ def main(argv: Sequence[str]) -> None:
         sources = source_files(anchor, experts)
         out = root / "assembled"
         rounds = []
+        steps = [*COPIERS, "assemble"]
         for k in range(cfg.repeat):
-            if out.exists():
-                shutil.rmtree(out)
-            t_copy = {}
-            for name, copier in COPIERS.items():
-                copied, t_copy[name] = copy_baseline(sources, root / "copy", copier)
-            os.sync()
-            args = ["assemble", str(anchor.path), str(out), str(cfg.max_shard_bytes)]
-            child = run_child([*args, *map(str, experts)])
+            # NOTE: the order rotates from round to round, so no path is always the one that
+            # runs first after the previous round's files were deleted.
+            order = steps[k % len(steps) :] + steps[: k % len(steps)]
+            t_copy: dict[str, float] = {}
+            copied = 0
+            child: dict[str, Any] = {}
+            for step in order:
+                if step in COPIERS:
+                    copied, t_copy[step] = copy_baseline(sources, root / "copy", COPIERS[step])
+                    continue
+                if out.exists():
+                    shutil.rmtree(out)
+                os.sync()
+                args = ["assemble", str(anchor.path), str(out), str(cfg.max_shard_bytes)]
+                child = run_child([*args, *map(str, experts)])
             rounds.append(Round(copied, t_copy, child))
-            print(f"round {k + 1}/{cfg.repeat} done", file=sys.stderr)
+            print(f"round {k + 1}/{cfg.repeat}: {' -> '.join(order)}", file=sys.stderr)
         # Sanity: the output parses as a checkpoint and holds every expert's bytes.
         ckpt = Checkpoint.open(out)
         if ckpt.total_bytes() < expert_total:

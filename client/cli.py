@@ -144,3 +144,8 @@ def train(
         f"{result.seconds:.1f}s{resumed}; held-out loss public {result.val_loss_public:.4f} -> "
         f"expert {result.val_loss_expert:.4f}"
     )
+
+
+from flexfed.client.keys import keygen  # noqa: E402
+
+group.add_command(keygen)

@@ -126,7 +126,8 @@ def load_smollm2_gguf(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     _require_gguf_loader()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
-    return model.eval(), tokenizer
+    model.train(False)
+    return model, tokenizer
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -178,7 +179,8 @@ def convert_smollm2(
         raise InvalidInputError("tied embeddings came apart while copying the weights")
     model.generation_config = quantized.generation_config
     del quantized
-    model = model.to(dtype).eval()
+    model.to(dtype)  # type: ignore[arg-type]  # nn.Module.to(dtype); the stub only knows devices
+    model.train(False)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -247,11 +249,13 @@ def cached_smollm2(cache_dir: Path | str | None = None, dtype: torch.dtype = tor
         if path.exists() and not (path / SOURCE_FILE).is_file():
             # NOTE: never overwrite a directory this module did not write.
             raise OutputExistsError(
-                f"{path} exists but is not a SmolLM2 conversion; remove it or pass another cache_dir"
+                f"{path} exists but is not a SmolLM2 conversion; "
+                "remove it or pass another cache_dir"
             )
         if path.exists():
             log.warning("replacing the stale SmolLM2 conversion at %s", path)
         return convert_smollm2(path, dtype, overwrite=True)
+
 
 __all__ = [
     "GGUF_FILE",

@@ -27,6 +27,7 @@ SUBCOMMANDS: dict[str, str] = {
     "eval": "flexfed.common.cli.eval:command",
     "demo": "flexfed.common.cli.demo:command",
     "client": "flexfed.client.cli:group",
+    "ca": "flexfed.common.cli.ca:group",
 }
 
 _state = {"verbose": False}
