@@ -15,11 +15,13 @@ What is measured, on CPU, with inputs built in code (nothing is downloaded):
   validation of every bundle (strict header, keys, shapes, dtype, every value read once for
   finiteness, SHA-256 of each file), and the write (byte ranges streamed into shards).
   Throughput is output weight bytes per second, for the write alone and end to end, each as a
-  ratio to the copyfile baseline's bytes per second. ``os.sync()`` runs before each timed part
-  so none pays for another's dirty pages; the sources are in the page cache for all of them
-  (they were just written), so this compares CPU and write costs, not cold reads. Copies and
-  assembly alternate for ``--repeat`` rounds; times are medians, and the per-round ratios
-  are printed too, because on a shared 2-core machine one round can be far off.
+  ratio to the copyfile baseline's bytes per second; CPU seconds (user + system) are shown
+  beside wall seconds, as a hint of which parts are CPU-bound. ``os.sync()`` runs before
+  each timed part so none pays for another's dirty pages; the sources are in the page cache
+  for all of them (they were just written), so this compares CPU and write costs, not cold
+  reads. The copies and the assembly alternate, in a rotating order, for ``--repeat``
+  rounds; times are medians, and the per-round ratios are printed too, because on a shared
+  2-core machine one round can be far off.
 
 - **Peak memory.** The assembly runs in a child process (this script with ``--child``); the
   child reads its own peak resident set size (``VmHWM`` in ``/proc/self/status``) after
@@ -57,7 +59,7 @@ from typing import Any
 
 import torch
 
-from flexfed.common.anchor import Anchor, open_anchor
+from flexfed.common.anchor import Anchor, create_anchor, open_anchor
 from flexfed.common.assembly import assemble
 from flexfed.common.bundle import EXPERT_WEIGHTS, ExpertMeta, expected_tensors, write_bundle
 from flexfed.common.checkpoint import CONFIG_FILE, Checkpoint
@@ -147,10 +149,11 @@ def reset_peak_rss() -> bool:
     return True
 
 
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    start = time.perf_counter()
+def timed(fn: Callable[[], Any]) -> tuple[Any, float, float]:
+    """(result, wall seconds, CPU seconds of this process: user + system, all threads)."""
+    wall, cpu = time.perf_counter(), time.process_time()
     result = fn()
-    return result, time.perf_counter() - start
+    return result, time.perf_counter() - wall, time.process_time() - cpu
 
 
 # --- building the inputs -------------------------------------------------------------------
@@ -214,7 +217,6 @@ def write_streaming(
 def build_inputs(cfg: BenchConfig, root: Path) -> tuple[Anchor, list[Path]]:
     """Write the public model, make it an anchor, write the expert bundles."""
     # NOTE: tiny imports transformers; kept out of the child (see public_specs).
-    from flexfed.common.anchor import create_anchor
     from flexfed.common.tiny import byte_tokenizer
 
     public = root / "public"
@@ -299,21 +301,24 @@ COPIERS: dict[str, Callable[[Path, Path], None]] = {
 
 def copy_baseline(
     sources: Sequence[Path], dest: Path, copier: Callable[[Path, Path], None]
-) -> tuple[int, float]:
-    """Copy files into a fresh directory, fsyncing each; (bytes copied, seconds)."""
+) -> tuple[int, float, float]:
+    """Copy files into a fresh directory, fsyncing each; (bytes, wall s, CPU s)."""
+
+    def copy_all() -> int:
+        total = 0
+        for k, src in enumerate(sources):
+            out = dest / f"{k:03d}-{src.name}"
+            copier(src, out)
+            with open(out, "rb+") as f:
+                os.fsync(f.fileno())
+            total += out.stat().st_size
+        return total
+
     dest.mkdir()
     os.sync()
-    start = time.perf_counter()
-    total = 0
-    for k, src in enumerate(sources):
-        out = dest / f"{k:03d}-{src.name}"
-        copier(src, out)
-        with open(out, "rb+") as f:
-            os.fsync(f.fileno())
-        total += out.stat().st_size
-    seconds = time.perf_counter() - start
+    total, wall, cpu = timed(copy_all)
     shutil.rmtree(dest)
-    return total, seconds
+    return total, wall, cpu
 
 
 def child_assemble(
@@ -321,14 +326,16 @@ def child_assemble(
 ) -> dict[str, Any]:
     """In the child: the assembly as ``flexfed assemble`` runs it, timed and measured by phase."""
     result: dict[str, Any] = {"rss_after_import": current_rss_bytes()}
-    anchor, result["t_open"] = timed(lambda: open_anchor(anchor_dir))
-    _, result["t_digest"] = timed(lambda: anchor.digest)
+    anchor, result["t_open"], result["c_open"] = timed(lambda: open_anchor(anchor_dir))
+    _, result["t_digest"], result["c_digest"] = timed(lambda: anchor.digest)
     bundles: list[ExpertBundle]
-    bundles, result["t_validate"] = timed(lambda: [validate_bundle(d, anchor) for d in expert_dirs])
+    bundles, result["t_validate"], result["c_validate"] = timed(
+        lambda: [validate_bundle(d, anchor) for d in expert_dirs]
+    )
     result["peak_through_validation"] = peak_rss_bytes()
     result["write_peak_separate"] = reset_peak_rss()
     result["rss_before_write"] = current_rss_bytes()
-    _, result["t_write"] = timed(
+    _, result["t_write"], result["c_write"] = timed(
         lambda: assemble(anchor, expert_dirs, out, max_shard_bytes=shard, bundles=bundles)
     )
     result["peak_write"] = peak_rss_bytes()
@@ -377,7 +384,8 @@ class Round:
     """One copy baseline and one assembly, run back to back."""
 
     copied: int
-    t_copy: dict[str, float]  # copier name -> seconds
+    t_copy: dict[str, float]  # copier name -> wall seconds
+    c_copy: dict[str, float]  # copier name -> CPU seconds
     child: dict[str, Any]
 
     @property
@@ -388,6 +396,11 @@ class Round:
     def t_total(self) -> float:
         c = self.child
         return float(c["t_open"] + c["t_digest"] + c["t_validate"] + c["t_write"])
+
+    @property
+    def c_total(self) -> float:
+        c = self.child
+        return float(c["c_open"] + c["c_digest"] + c["c_validate"] + c["c_write"])
 
     @property
     def peak(self) -> int:
@@ -409,12 +422,8 @@ def report(
     out_bytes = rounds[0].out_bytes
     copied = rounds[0].copied
     largest = max(max(r.child["shards"]) for r in rounds)
-    t_copy = med([r.t_copy["copyfile"] for r in rounds])
-    t_cfr = med([r.t_copy["copy_file_range"] for r in rounds])
-    t_write = med([r.child["t_write"] for r in rounds])
-    t_total = med([r.t_total for r in rounds])
-    t_validate = med([r.child["t_validate"] for r in rounds])
-    copy_rate = copied / t_copy
+    copy_wall = med([r.t_copy["copyfile"] for r in rounds])
+    copy_cpu = med([r.c_copy["copyfile"] for r in rounds])
 
     def per_round(copier: str) -> str:
         ratios = [
@@ -422,14 +431,24 @@ def report(
         ]
         return ", ".join(f"{x:.2f}" for x in ratios)
 
-    def rate_row(label: str, nbytes: int, seconds: float, ratio: bool = True) -> str:
-        rate = nbytes / seconds
-        x = f"{rate / copy_rate:>9.2f}" if ratio else ""
-        return f"{label:<34}{nbytes / MB:>10,.0f}{seconds:>10.2f}{rate / MB:>9.0f}{x}"
+    def row(label: str, nbytes: int | None, wall: float, cpu: float) -> str:
+        """Bytes, wall time, throughput and its ratio to the copyfile baseline, CPU time."""
+        if nbytes is None:
+            return f"{label:<32}{'':>8}{wall:>8.2f}{'':>8}{'':>8}{cpu:>8.2f}"
+        rate = nbytes / wall
+        return (
+            f"{label:<32}{nbytes / MB:>8,.0f}{wall:>8.2f}{rate / MB:>8.0f}"
+            f"{rate / (copied / copy_wall):>8.2f}{cpu:>8.2f}"
+        )
 
-    def time_row(label: str, key: str) -> str:
-        return f"{label:<34}{'':>10}{med([r.child[key] for r in rounds]):>10.2f}"
+    def child_row(label: str, key: str, nbytes: int | None) -> str:
+        wall = med([r.child["t_" + key] for r in rounds])
+        cpu = med([r.child["c_" + key] for r in rounds])
+        return row(label, nbytes, wall, cpu)
 
+    cfr_wall = med([r.t_copy["copy_file_range"] for r in rounds])
+    cfr_cpu = med([r.c_copy["copy_file_range"] for r in rounds])
+    write_wall = med([r.child["t_write"] for r in rounds])
     peak = max(r.peak for r in rounds)
     base = int(idle["peak"])
     lines = [
@@ -441,16 +460,23 @@ def report(
         f"1-minute load average at start {load[0]:.2f}, at end {load[1]:.2f} "
         "(other work on the machine makes the times noisy)",
         "",
-        f"{'throughput':<34}{'MB':>10}{'seconds':>10}{'MB/s':>9}{'x copy':>9}",
-        rate_row("copy baseline (copyfile + fsync)", copied, t_copy),
-        rate_row("  same, copy_file_range + fsync", copied, t_cfr),
-        rate_row("assembly: write (stream shards)", out_bytes, t_write),
-        rate_row("assembly: end to end", out_bytes, t_total),
-        time_row("  open anchor (headers)", "t_open"),
-        time_row("  anchor digest (SHA-256)", "t_digest"),
-        rate_row("  validate bundles", expert_total, t_validate, ratio=False),
-        time_row("  write", "t_write"),
-        f"write / copy_file_range copy (medians): {(out_bytes / t_write) / (copied / t_cfr):.2f}",
+        f"{'throughput (medians)':<32}{'MB':>8}{'wall s':>8}{'MB/s':>8}{'x copy':>8}{'CPU s':>8}",
+        row("copy baseline (copyfile+fsync)", copied, copy_wall, copy_cpu),
+        row("  copy_file_range+fsync", copied, cfr_wall, cfr_cpu),
+        child_row("assembly: write", "write", out_bytes),
+        row(
+            "assembly: end to end",
+            out_bytes,
+            med([r.t_total for r in rounds]),
+            med([r.c_total for r in rounds]),
+        ),
+        child_row("  open anchor (headers)", "open", None),
+        child_row("  anchor digest (SHA-256)", "digest", None),
+        child_row("  validate bundles", "validate", None),
+        f"validation: {expert_total / MB:,.0f} MB of expert weights at "
+        f"{expert_total / med([r.child['t_validate'] for r in rounds]) / MB:,.0f} MB/s",
+        "write / copy_file_range copy: "
+        f"{(out_bytes / write_wall) / (copied / cfr_wall):.2f} (medians)",
         f"write / copyfile, each round: {per_round('copyfile')}",
         f"write / copy_file_range, each round: {per_round('copy_file_range')}",
         "",
@@ -543,7 +569,7 @@ def main(argv: Sequence[str]) -> None:
         if expert_total < 10**9:
             print(f"note: {_mb(expert_total)} of expert weights is under 1 GB", file=sys.stderr)
 
-        (anchor, experts), t_build = timed(lambda: build_inputs(cfg, root))
+        (anchor, experts), t_build, _ = timed(lambda: build_inputs(cfg, root))
         print(f"built the anchor and {len(experts)} bundles in {t_build:.0f} s", file=sys.stderr)
         load_start = os.getloadavg()[0]
         idle = run_child(["idle"])
@@ -556,18 +582,21 @@ def main(argv: Sequence[str]) -> None:
             # runs first after the previous round's files were deleted.
             order = steps[k % len(steps) :] + steps[: k % len(steps)]
             t_copy: dict[str, float] = {}
+            c_copy: dict[str, float] = {}
             copied = 0
             child: dict[str, Any] = {}
             for step in order:
                 if step in COPIERS:
-                    copied, t_copy[step] = copy_baseline(sources, root / "copy", COPIERS[step])
+                    copied, t_copy[step], c_copy[step] = copy_baseline(
+                        sources, root / "copy", COPIERS[step]
+                    )
                     continue
                 if out.exists():
                     shutil.rmtree(out)
                 os.sync()
                 args = ["assemble", str(anchor.path), str(out), str(cfg.max_shard_bytes)]
                 child = run_child([*args, *map(str, experts)])
-            rounds.append(Round(copied, t_copy, child))
+            rounds.append(Round(copied, t_copy, c_copy, child))
             print(f"round {k + 1}/{cfg.repeat}: {' -> '.join(order)}", file=sys.stderr)
         # Sanity: the output parses as a checkpoint and holds every expert's bytes.
         ckpt = Checkpoint.open(out)

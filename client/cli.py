@@ -87,6 +87,10 @@ def group() -> None:
     show_default=True,
     help="Usage terms attached to the expert.",
 )
+@click.option("--sign", "sign_", is_flag=True, help="Sign the bundle when training ends (needs --key, --cert).")
+@click.option("--key", type=click.Path(path_type=Path), default=None, help="Private key for --sign.")
+@click.option("--cert", type=click.Path(path_type=Path), default=None, help="Owner certificate for --sign.")
+@click.option("--chain", multiple=True, type=click.Path(path_type=Path), help="CA certificate(s) for --sign.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(
     public: Path,
@@ -109,6 +113,10 @@ def train(
     activation_checkpointing: bool,
     compile_: bool,
     license_: str,
+    sign_: bool,
+    key: Path | None,
+    cert: Path | None,
+    chain: tuple[Path, ...],
     quiet: bool,
 ) -> None:
     """Train one expert FFN and router embedding on local data; write the expert bundle.
@@ -133,6 +141,17 @@ def train(
         activation_checkpointing=activation_checkpointing,
         compile=compile_,
     )
+    if sign_:
+        if key is None or cert is None:
+            raise click.UsageError("--sign needs --key and --cert")
+        from flexfed.common.signing import BundleSigner, CertificateOrgMismatchError
+
+        signer = BundleSigner(key, cert, chain)  # refuse a bad certificate before training
+        signer.check_certificate()
+        if signer.identity.org != org:
+            raise CertificateOrgMismatchError(
+                f"{cert} certifies org {signer.identity.org!r}, not --org {org!r}"
+            )
     result = train_expert(
         public, data, org, out, cfg, name=name, license=license_, progress=not quiet
     )
@@ -144,8 +163,18 @@ def train(
         f"{result.seconds:.1f}s{resumed}; held-out loss public {result.val_loss_public:.4f} -> "
         f"expert {result.val_loss_expert:.4f}"
     )
+    if sign_:
+        from flexfed.client.sign import sign_bundle
+
+        assert key is not None and cert is not None
+        signed = sign_bundle(result.out, key, cert, chain)
+        click.echo(f"signed {signed.path} as {signed.identity}")
 
 
 from flexfed.client.keys import keygen  # noqa: E402
 
 group.add_command(keygen)
+
+from flexfed.client.sign import sign  # noqa: E402
+
+group.add_command(sign)

@@ -46,6 +46,8 @@ def mlp_input_means(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     batch_size: int = 8,
     on_batch: Callable[[int], None] | None = None,
+    *,
+    unit_tokens: bool = False,
 ) -> list[torch.Tensor]:
     """Per layer, the mean over documents of the mean MLP input over each document's tokens.
 
@@ -62,6 +64,8 @@ def mlp_input_means(
     def hook(idx: int) -> Callable[..., None]:
         def capture(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             x = args[0].float()  # (B, T, H)
+            if unit_tokens:
+                x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             m = mask_holder["mask"]  # (B, T, 1)
             captured[idx] = (x * m).sum(1) / m.sum(1)  # (B, H): mean over real tokens
 

@@ -184,6 +184,7 @@ def validate_bundle(path: Path | str, anchor: Anchor, check_values: bool = True)
                     f"{name} holds {nan} NaN and {inf} infinite value(s); training diverged: "
                     "retrain (e.g. with a lower learning rate) before submitting"
                 )
+            del t  # never hold two tensors at once: peak memory = the largest tensor
 
     return ExpertBundle(
         path=path,
