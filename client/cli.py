@@ -87,10 +87,21 @@ def group() -> None:
     show_default=True,
     help="Usage terms attached to the expert.",
 )
-@click.option("--sign", "sign_", is_flag=True, help="Sign the bundle when training ends (needs --key, --cert).")
-@click.option("--key", type=click.Path(path_type=Path), default=None, help="Private key for --sign.")
-@click.option("--cert", type=click.Path(path_type=Path), default=None, help="Owner certificate for --sign.")
-@click.option("--chain", multiple=True, type=click.Path(path_type=Path), help="CA certificate(s) for --sign.")
+@click.option(
+    "--sign",
+    "sign_",
+    is_flag=True,
+    help="Sign the bundle when training ends (needs --key, --cert).",
+)
+@click.option(
+    "--key", type=click.Path(path_type=Path), default=None, help="Private key for --sign."
+)
+@click.option(
+    "--cert", type=click.Path(path_type=Path), default=None, help="Owner certificate for --sign."
+)
+@click.option(
+    "--chain", multiple=True, type=click.Path(path_type=Path), help="CA certificate(s) for --sign."
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(
     public: Path,

