@@ -70,6 +70,12 @@ def group() -> None:
     type=float,
     help="Initial router bias b_i (clamped to <= 0).",
 )
+@click.option(
+    "--learn-bias/--no-learn-bias",
+    default=True,
+    show_default=True,
+    help="Train the negative router bias b_i (off: the no-bias ablation).",
+)
 @click.option("--max-tokens", default=None, type=int, help="Use at most this many tokens of data.")
 @click.option(
     "--checkpoint-every",
@@ -119,6 +125,7 @@ def train(
     warmup_steps: int | None,
     router_init: str,
     bias_init: float,
+    learn_bias: bool,
     max_tokens: int | None,
     checkpoint_every: int,
     activation_checkpointing: bool,
@@ -145,6 +152,7 @@ def train(
         warmup_steps=warmup_steps,
         router_init=router_init,
         bias_init=bias_init,
+        learn_bias=learn_bias,
         max_tokens=max_tokens,
         checkpoint_every=checkpoint_every,
         seed=seed,

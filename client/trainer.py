@@ -79,6 +79,7 @@ from flexfed.common.router_init import (
 from flexfed.common.safetensors_io import load_tensors, save_tensors
 from flexfed.common.training_model import (
     build_training_model,
+    two_expert_layers,
     extract_expert,
     router_z_loss,
     trainable_parameters,
@@ -105,6 +106,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     z_loss_weight: float = 1e-3
     bias_init: float = 0.0
+    learn_bias: bool = True  # False: the 'no negative bias' ablation (b_i fixed at 0)
     router_init: str = "hidden-states"
     router_init_documents: int = DEFAULT_DOCUMENTS
     val_fraction: float = 0.05
@@ -418,6 +420,10 @@ def _train_expert(
     # seed, as cheap in parallel as on one rank); DDP then makes rank 0's copy everyone's.
     router_init = _router_init(cfg, anchor, tokenizer, docs, device)
     model = build_training_model(anchor, router_init, cfg.bias_init, device=device)
+    if not cfg.learn_bias:
+        for mlp in two_expert_layers(model):
+            mlp.bias.requires_grad_(False)
+            mlp.bias.zero_()
     if cfg.activation_checkpointing:
         model.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False}
@@ -524,13 +530,19 @@ def _train_expert(
 
 
 def train_dense(
-    model: PreTrainedModel, train: torch.Tensor, cfg: TrainConfig, progress: bool = False
+    model: PreTrainedModel,
+    train: torch.Tensor,
+    cfg: TrainConfig,
+    progress: bool = False,
+    only: str | None = None,
 ) -> list[float]:
-    """A plain dense full fine-tune with the same recipe: the baseline and the public model's
-    own pre-training on small data. Every parameter trains. Returns the per-step losses."""
+    """A plain dense fine-tune with the same recipe: the baseline and the public model's own
+    pre-training on small data. Every parameter trains, or only those whose name contains
+    ``only`` (e.g. ``".mlp."``: the uncoordinated-expert ablation). Returns per-step losses."""
     device = resolve_device(cfg.device)
     model.to(device).train()
-    model.requires_grad_(True)
+    for name, p in model.named_parameters():
+        p.requires_grad_(only is None or only in name)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     accum = cfg.batch_size // cfg.micro_batch_size
