@@ -79,10 +79,10 @@ from flexfed.common.router_init import (
 from flexfed.common.safetensors_io import load_tensors, save_tensors
 from flexfed.common.training_model import (
     build_training_model,
-    two_expert_layers,
     extract_expert,
     router_z_loss,
     trainable_parameters,
+    two_expert_layers,
 )
 
 log = logging.getLogger(__name__)
