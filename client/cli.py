@@ -60,7 +60,7 @@ def group() -> None:
     "--router-init",
     default="hidden-states",
     show_default=True,
-    type=click.Choice(["hidden-states", "random", "public"]),
+    type=click.Choice(["hidden-states", "embedder", "random", "public"]),
     help="How r_i starts: mean public-model hidden state of your documents, random, or r_pub.",
 )
 @click.option(

@@ -87,7 +87,7 @@ from flexfed.common.training_model import (
 
 log = logging.getLogger(__name__)
 
-ROUTER_INITS = ("hidden-states", "random", "public")
+ROUTER_INITS = ("hidden-states", "embedder", "random", "public")
 
 
 @dataclass(frozen=True)
@@ -583,6 +583,12 @@ def _router_init(
         return None  # r_i = r_pub
     if cfg.router_init == "random":
         return random_router_init(anchor.shapes.hidden_size, anchor.shapes.num_layers, cfg.seed)
+    if cfg.router_init == "embedder":
+        from flexfed.common.embedder import mean_embedding, project
+
+        projection = anchor.projection()  # the coordinator's map, shared by every owner
+        sample = sample_documents(docs, cfg.router_init_documents, seed=cfg.seed)
+        return project(projection, mean_embedding(sample), anchor.shapes.num_layers)
     dense = AutoModelForCausalLM.from_pretrained(anchor.path, dtype=torch.float32).to(device)
     sample = sample_documents(docs, cfg.router_init_documents, seed=cfg.seed)
     means = mlp_input_means(dense, tokenizer, sample, max_tokens=cfg.seq_len)

