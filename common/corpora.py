@@ -80,11 +80,23 @@ def math_documents(max_chars: int, seed: int = 0) -> Iterator[str]:
 
 
 def legal_documents(max_chars: int) -> Iterator[str]:
+    """The license texts, each once (about 240,000 characters in all on Debian 12/13)."""
     if not LICENSES_DIR.is_dir():
         raise DataError(f"{LICENSES_DIR} is missing (Debian's base-files); the legal domain needs it")
-    files = sorted(p for p in LICENSES_DIR.iterdir() if p.is_file())
-    texts = (c for f in files for c in _chunks(f.read_text(encoding="utf-8", errors="replace")))
-    yield from _take(texts, max_chars)
+    # NOTE: GPL, LGPL and GFDL are symlinks to the current version (GPL -> GPL-3); reading them
+    # too would put each of those texts in the corpus twice, and a held-out chunk's twin in
+    # the training split.
+    seen: set[bytes] = set()
+    texts: list[str] = []
+    for path in sorted(LICENSES_DIR.iterdir()):
+        if not path.is_file() or path.is_symlink():
+            continue
+        raw = path.read_bytes()
+        if raw in seen:
+            continue
+        seen.add(raw)
+        texts.append(raw.decode("utf-8", errors="replace"))
+    yield from _take((c for t in texts for c in _chunks(t)), max_chars)
 
 
 def _take(docs: Iterator[str], max_chars: int) -> Iterator[str]:

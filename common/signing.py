@@ -481,15 +481,19 @@ class BundleVerifier:
             expected_anchor_digest = digest
         self.expected_anchor_digest = expected_anchor_digest
         self.at = _utc(at) if at is not None else None
+        self._ca_pem = self.ca_cert.public_bytes(serialization.Encoding.PEM)
+        # NOTE: model-signing's verifier sets its OpenSSL store's time from the first leaf it
+        # checks and keeps it, so a reused verifier rejects later-issued certificates as "not
+        # yet valid". A fresh one per verification; the lock keeps threads from sharing one.
+        self._oms_lock = threading.Lock()
+
+    def _new_oms_verifier(self) -> Any:
         sign_certificate, _ = _oms_modules()
-        # model-signing's verifier reads its trust roots from files, once.
+        # model-signing's verifier reads its trust roots from files.
         with tempfile.TemporaryDirectory(prefix="flexfed-ca-") as tmp:
             root = Path(tmp) / "ca.pem"
-            root.write_bytes(self.ca_cert.public_bytes(serialization.Encoding.PEM))
-            self._oms = sign_certificate.Verifier([root])
-        # NOTE: model-signing's verifier sets its trust store's time per call (the leaf's
-        # notBefore): one verification at a time, or threads would judge each other's chains.
-        self._oms_lock = threading.Lock()
+            root.write_bytes(self._ca_pem)
+            return sign_certificate.Verifier([root])
 
     def verify(self, bundle_dir: PathLike) -> VerifiedBundle:
         """Verify one expert bundle; return what was verified or raise at the first failure."""
@@ -576,7 +580,7 @@ class BundleVerifier:
 
         try:
             with self._oms_lock:
-                return self._oms.verify(signature)
+                return self._new_oms_verifier().verify(signature)
         except InvalidSignature:
             raise BundleSignatureError(
                 f"the signature in {SIGNATURE} does not verify: its signed manifest was altered"

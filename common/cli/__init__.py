@@ -29,6 +29,8 @@ SUBCOMMANDS: dict[str, str] = {
     "client": "flexfed.client.cli:group",
     "ca": "flexfed.common.cli.ca:group",
     "public": "flexfed.common.cli.public:group",
+    "release": "flexfed.common.cli.release:group",
+    "audit": "flexfed.common.cli.audit:group",
 }
 
 _state = {"verbose": False}

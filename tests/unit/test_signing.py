@@ -723,3 +723,25 @@ def test_golden_bundle_still_catches_tampering(tmp_path: Path) -> None:
         BundleVerifier(GOLDEN / "ca.pem", GOLDEN / "crl.pem", expected["anchor_digest"], at).verify(
             bundle
         )
+
+
+def test_one_verifier_checks_bundles_signed_with_later_certificates(tmp_path: Path) -> None:
+    """A coordinator reuses one verifier; certificates issued after its first check still pass."""
+    import time as _time
+
+    from flexfed.common.pki import generate_key_and_csr, init_ca, issue_certificate
+    from flexfed.common.signing import BundleSigner, BundleVerifier
+    from flexfed.common.tiny import build_anchor
+
+    from conftest import make_expert_bundle
+
+    anchor = build_anchor("olmo2", tmp_path / "anchor")
+    ca = init_ca(tmp_path / "ca", "Test CA")
+    verifier = BundleVerifier(ca.cert)
+    for i, org in enumerate(["early", "late"]):
+        req = generate_key_and_csr(org, tmp_path / f"keys-{org}")
+        cert = issue_certificate(tmp_path / "ca", req.csr, "owner", out=tmp_path / f"{org}.pem")
+        bundle = make_expert_bundle(anchor, tmp_path / f"b-{org}", org, seed=i + 1)
+        BundleSigner(req.key, cert.path, [ca.cert]).sign(bundle)
+        assert verifier.verify(bundle).org == org
+        _time.sleep(1.1)  # the next certificate's notBefore is later than the first check
