@@ -729,11 +729,11 @@ def test_one_verifier_checks_bundles_signed_with_later_certificates(tmp_path: Pa
     """A coordinator reuses one verifier; certificates issued after its first check still pass."""
     import time as _time
 
+    from conftest import make_expert_bundle
+
     from flexfed.common.pki import generate_key_and_csr, init_ca, issue_certificate
     from flexfed.common.signing import BundleSigner, BundleVerifier
     from flexfed.common.tiny import build_anchor
-
-    from conftest import make_expert_bundle
 
     anchor = build_anchor("olmo2", tmp_path / "anchor")
     ca = init_ca(tmp_path / "ca", "Test CA")
