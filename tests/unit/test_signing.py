@@ -745,3 +745,40 @@ def test_one_verifier_checks_bundles_signed_with_later_certificates(tmp_path: Pa
         BundleSigner(req.key, cert.path, [ca.cert]).sign(bundle)
         assert verifier.verify(bundle).org == org
         _time.sleep(1.1)  # the next certificate's notBefore is later than the first check
+
+
+def test_train_with_sign_writes_a_verifying_bundle(tmp_path: Path) -> None:
+    """`flexfed client train --sign` signs the bundle it writes; a wrong org is refused first."""
+    import json
+    import subprocess
+    import sys
+
+    from flexfed.common.pki import generate_key_and_csr, init_ca, issue_certificate
+    from flexfed.common.signing import BundleVerifier
+    from flexfed.common.tiny import build_anchor
+
+    anchor = build_anchor("olmo2", tmp_path / "anchor")
+    ca = init_ca(tmp_path / "ca", "Test CA")
+    req = generate_key_and_csr("acme", tmp_path / "keys")
+    cert = issue_certificate(tmp_path / "ca", req.csr, "owner", out=tmp_path / "acme.pem")
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        "".join(json.dumps({"text": f"{i}+{i}={2 * i}. " * 8}) + "\n" for i in range(60))
+    )
+    flexfed = str(Path(sys.executable).parent / "flexfed")
+
+    def train(org: str, out: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [flexfed, "client", "train", "--public", str(anchor.path), "--data", str(data),
+             "--org", org, "--out", str(tmp_path / out), "--max-steps", "2", "--seq-len", "32",
+             "--batch-size", "2", "--sign", "--key", str(req.key), "--cert", str(cert.path),
+             "--chain", str(ca.cert), "--quiet"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+
+    wrong = train("other-org", "wrong")
+    assert wrong.returncode != 0 and "flexfed: error:" in wrong.stderr
+    assert not (tmp_path / "wrong").exists()  # refused before training
+    ok = train("acme", "expert")
+    assert ok.returncode == 0, ok.stderr
+    assert BundleVerifier(ca.cert, anchor=anchor).verify(tmp_path / "expert").org == "acme"
