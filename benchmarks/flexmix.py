@@ -69,7 +69,8 @@ def uncoordinated_expert(
     docs = list(read_documents([domain_file]))
     packed = pack_documents(docs, tokenizer, cfg.seq_len, cfg.val_fraction)
     dense = AutoModelForCausalLM.from_pretrained(anchor.path, dtype=torch.float32)
-    r_init = mlp_input_means(dense, tokenizer, sample_documents(docs, 200), cfg.seq_len)
+    norm = (anchor.meta.get("embedder") or {}).get("norm")  # the anchor's space
+    r_init = mlp_input_means(dense, tokenizer, sample_documents(docs, 200), cfg.seq_len, norm=norm)
     train_dense(dense, packed.train, cfg, only=".mlp.")
     model = build_training_model(anchor, r_init)
     with torch.no_grad():
@@ -209,8 +210,16 @@ def main() -> None:
         lp = logps_of(path)
         opt[f"{org} ({domain})"] = {d: score(lp[d]) - table[d]["flexolmo"] for d in eval_domains}
 
-    columns = ["public", "dense-own", "soup", "btm", "flexolmo", "flexolmo-no-bias",
-               "flexolmo-random-init", "flexolmo-uncoordinated"]
+    columns = [
+        "public",
+        "dense-own",
+        "soup",
+        "btm",
+        "flexolmo",
+        "flexolmo-no-bias",
+        "flexolmo-random-init",
+        "flexolmo-uncoordinated",
+    ]
     closed = list(CLOSED_DOMAINS)
     avg = {c: sum(table[d][c] for d in closed) / len(closed) for c in columns}
     results = {

@@ -591,6 +591,9 @@ def _router_init(
         return project(projection, mean_embedding(sample), anchor.shapes.num_layers)
     dense = AutoModelForCausalLM.from_pretrained(anchor.path, dtype=torch.float32).to(device)
     sample = sample_documents(docs, cfg.router_init_documents, seed=cfg.seed)
-    means = mlp_input_means(dense, tokenizer, sample, max_tokens=cfg.seq_len)
+    # r_i must live in the same space as the anchor's r_pub: the anchor records the norm its
+    # router embeddings were scaled to (none recorded: raw means, as older anchors used).
+    norm = (anchor.meta.get("embedder") or {}).get("norm")
+    means = mlp_input_means(dense, tokenizer, sample, max_tokens=cfg.seq_len, norm=norm)
     del dense
     return means

@@ -63,14 +63,19 @@ def create(
     from flexfed.common.data import find_data_files, read_documents
     from flexfed.common.families import family_of_config
     from flexfed.common.progress import count_progress
-    from flexfed.common.router_init import mlp_input_means, sample_documents
+    from flexfed.common.router_init import DEFAULT_NORM, mlp_input_means, sample_documents
 
     family_of_config(Checkpoint.open(public).config)  # refuse unsupported models before loading
     tokenizer = AutoTokenizer.from_pretrained(public)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     docs = sample_documents(list(read_documents(find_data_files(data))), documents, seed)
-    record = {"kind": embedder, "documents": len(docs), "max_tokens": max_tokens, "seed": seed}
+    record: dict[str, object] = {
+        "kind": embedder,
+        "documents": len(docs),
+        "max_tokens": max_tokens,
+        "seed": seed,
+    }
     projection = None
     if embedder == "minilm":
         from flexfed.common.embedder import mean_embedding, project, random_projection
@@ -82,6 +87,9 @@ def create(
     else:
         model = AutoModelForCausalLM.from_pretrained(public, dtype=torch.float32)
         with count_progress("r_pub from public documents", len(docs)) as advance:
-            r_pub = mlp_input_means(model, tokenizer, docs, max_tokens=max_tokens, on_batch=advance)
+            r_pub = mlp_input_means(
+                model, tokenizer, docs, max_tokens=max_tokens, on_batch=advance, norm=DEFAULT_NORM
+            )
+        record["norm"] = DEFAULT_NORM
     anchor = create_anchor(public, out, r_pub, record, projection)
     click.echo(f"anchor {out}: {anchor.family.dense_model_type}, digest {anchor.digest}")
