@@ -319,6 +319,8 @@ def _torch_threads(n: int) -> Iterator[None]:
 
 def run_demo(workdir: Path, quick: bool = False) -> dict[str, Any]:
     """Run the whole flow in ``workdir``; return the results (also written as JSON)."""
+    # NOTE: owners run in their own directories, so every path handed to them is absolute.
+    workdir = Path(workdir).resolve()
     with _torch_threads(THREADS_PER_PROCESS):
         return _run_demo(workdir, quick)
 

@@ -35,12 +35,14 @@ TIMEOUT_S = 300  # ~50 s on an idle 2-core machine; a hang must not stall the su
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Run the quick demo once, cold (an empty cache: the public model is trained too)."""
+    """Run the quick demo once, cold (an empty cache: the public model is trained too), with a
+    relative --workdir as a newcomer would type it."""
     tmp = tmp_path_factory.mktemp("demo")
     flexfed = Path(sys.executable).with_name("flexfed")
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp / "cache")}
     proc = subprocess.run(
-        [str(flexfed), "demo", "--quick", "--workdir", str(tmp / "work")],
+        [str(flexfed), "demo", "--quick", "--workdir", "work"],
+        cwd=tmp,
         env=env,
         capture_output=True,
         text=True,
