@@ -37,7 +37,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from transformers import (
     AutoModelForCausalLM,
-    AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -65,10 +64,9 @@ from flexfed.common.data import (
 )
 from flexfed.common.errors import (
     ConfigError,
-    InvalidInputError,
-    MissingFileError,
     OutputExistsError,
 )
+from flexfed.common.evaluation import load_tokenizer as load_model_tokenizer
 from flexfed.common.progress import console, training_progress
 from flexfed.common.router_init import (
     DEFAULT_DOCUMENTS,
@@ -167,21 +165,8 @@ class TrainResult:
 
 
 def load_tokenizer(anchor: Anchor) -> PreTrainedTokenizerBase:
-    path = anchor.path
-    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        raise MissingFileError(
-            f"{path} has no tokenizer files (tokenizer.json); "
-            "the public model must ship its tokenizer"
-        )
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise MissingFileError(f"cannot load the tokenizer of {path}: {err}") from err
-    if tok.eos_token_id is None:
-        raise InvalidInputError(f"the tokenizer of {path} has no end-of-text token")
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
+    """The anchor's tokenizer (see :func:`flexfed.common.evaluation.load_tokenizer`)."""
+    return load_model_tokenizer(anchor.path)
 
 
 def state_dir_for(out: Path) -> Path:

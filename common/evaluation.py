@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from flexfed.common.data import is_validation_document, pack_documents
-from flexfed.common.errors import DataError, MissingFileError
+from flexfed.common.errors import DataError, InvalidInputError, MissingFileError
 from flexfed.common.progress import count_progress
 
 
@@ -25,11 +25,24 @@ def held_out(docs: Sequence[str], val_fraction: float) -> list[str]:
 
 
 def load_tokenizer(model_dir: Path | str) -> PreTrainedTokenizerBase:
+    """The tokenizer shipped with a model directory, ready for packing and padding.
+
+    The one loader for trainer, evaluation and anchor creation: it must have an end-of-text
+    token (documents are joined with it); the pad token falls back to it.
+    """
+    path = Path(model_dir)
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise MissingFileError(
+            f"{path} has no tokenizer files (tokenizer.json); "
+            "the public model must ship its tokenizer"
+        )
     try:
-        tok = AutoTokenizer.from_pretrained(model_dir)
+        tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
-        raise MissingFileError(f"cannot load the tokenizer of {model_dir}: {err}") from err
-    if tok.pad_token is None:
+        raise MissingFileError(f"cannot load the tokenizer of {path}: {err}") from err
+    if tok.eos_token_id is None:
+        raise InvalidInputError(f"the tokenizer of {path} has no end-of-text token")
+    if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
 

@@ -56,19 +56,18 @@ def create(
 ) -> None:
     """Copy a public model; add anchor.json and r_pub (mean public hidden state per layer)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from flexfed.common.anchor import create_anchor
     from flexfed.common.checkpoint import Checkpoint
     from flexfed.common.data import find_data_files, read_documents
+    from flexfed.common.evaluation import load_tokenizer
     from flexfed.common.families import family_of_config
     from flexfed.common.progress import count_progress
     from flexfed.common.router_init import DEFAULT_NORM, mlp_input_means, sample_documents
 
     family_of_config(Checkpoint.open(public).config)  # refuse unsupported models before loading
-    tokenizer = AutoTokenizer.from_pretrained(public)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(public)
     docs = sample_documents(list(read_documents(find_data_files(data))), documents, seed)
     record: dict[str, object] = {
         "kind": embedder,
