@@ -11,15 +11,17 @@ Same data and the same training budget (steps x batch x sequence length) for eve
   tokens, top-2, renormalised; next-token probabilities mixed with those weights;
 - ``flexolmo``: the assembled MoE of the coordinated experts (the demo's recipe);
 - ablations: ``-no-bias`` (b_i fixed at 0), ``-random-init`` (r_i random instead of the mean
-  hidden state of the owner's documents), ``-uncoordinated`` (each FFN fine-tuned alone in a
-  dense copy of the public model, then merged with domain-embedding router rows).
+  hidden state of the owner's documents), ``-embedder`` (r_pub and every r_i from the
+  external embedder all-MiniLM-L6-v2 through the anchor's projection, as in the paper,
+  instead of the public model's hidden states), ``-uncoordinated`` (each FFN fine-tuned alone
+  in a dense copy of the public model, then merged with domain-embedding router rows).
 
 Every method is scored on the same tokens: each domain's held-out documents (the trainer's
 document-level split), positions ``PREFIX``.. of each sequence (BTM needs the prefix to pick
 its weights). Then the opt-out experiment: remove each expert in turn from ``flexolmo`` and
 report every domain's change. Writes ``flexmix.json``, ``flexmix.md`` and ``flexmix.png``.
 
-    .venv/bin/python benchmarks/flexmix.py [--quick] [--workdir DIR]
+    .venv/bin/python benchmarks/flexmix.py [--quick] [--workdir DIR] [--domains code,math]
 """
 
 from __future__ import annotations
@@ -133,32 +135,45 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="the demo's --quick sizes")
     ap.add_argument("--workdir", type=Path, default=Path("flexmix-work"))
+    ap.add_argument(
+        "--domains",
+        default=",".join(CLOSED_DOMAINS),
+        help="comma-separated closed domains, one owner each (default: all)",
+    )
     args = ap.parse_args()
+    domains = [d.strip() for d in args.domains.split(",") if d.strip()]
     t0 = time.monotonic()
     s = demo.DemoSettings.preset(args.quick)
     work: Path = args.workdir
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     public_corpus = write_domain("public", work / "corpora", s.public_chars)
-    files = {d: write_domain(d, work / "corpora", s.corpus_chars) for d in CLOSED_DOMAINS}
+    files = {d: write_domain(d, work / "corpora", s.corpus_chars) for d in domains}
     public = demo.build_public(s, public_corpus, work / "public")
-    anchor = demo.publish_anchor(public, public_corpus, work / "anchor")
+    anchor = demo.publish_anchor(public, public_corpus, work / "anchor", max_tokens=s.seq_len)
+    minilm = demo.publish_anchor(
+        public, public_corpus, work / "anchor-minilm", max_tokens=s.seq_len, kind="minilm"
+    )
     tokenizer = load_tokenizer(anchor.path)
 
     cfg = expert_config(s)
-    variants = {
-        "flexolmo": cfg,
-        "flexolmo-no-bias": replace(cfg, learn_bias=False, bias_init=0.0),
-        "flexolmo-random-init": replace(cfg, router_init="random"),
+    variants = {  # name -> (anchor, recipe)
+        "flexolmo": (anchor, cfg),
+        "flexolmo-no-bias": (anchor, replace(cfg, learn_bias=False, bias_init=0.0)),
+        "flexolmo-random-init": (anchor, replace(cfg, router_init="random")),
+        "flexolmo-embedder": (minilm, replace(cfg, router_init="embedder")),
     }
+    anchors = {v: a for v, (a, _) in variants.items()}
+    anchors["flexolmo-uncoordinated"] = anchor
     experts: dict[str, list[Path]] = {v: [] for v in [*variants, "flexolmo-uncoordinated"]}
     dense_dirs: dict[str, Path] = {}
-    for i, domain in enumerate(CLOSED_DOMAINS):
+    for i, domain in enumerate(domains):
         org = f"owner-{chr(ord('a') + i)}"
-        for v, vcfg in variants.items():
+        for v, (v_anchor, vcfg) in variants.items():
             out = work / v / org
             print(f"[{time.monotonic() - t0:6.0f}s] {v}: {org} on {domain}", flush=True)
-            train_expert(anchor.path, [files[domain]], org, out, vcfg, name=domain, progress=False)
+            data = [files[domain]]
+            train_expert(v_anchor.path, data, org, out, vcfg, name=domain, progress=False)
             experts[v].append(out)
         print(f"[{time.monotonic() - t0:6.0f}s] uncoordinated + dense: {org}", flush=True)
         experts["flexolmo-uncoordinated"].append(
@@ -177,10 +192,10 @@ def main() -> None:
     models: dict[str, Path] = {"public": anchor.path}
     for v, dirs in experts.items():
         models[v] = work / "models" / v
-        assemble(anchor, dirs, models[v], top_k=top_k)
+        assemble(anchors[v], dirs, models[v], top_k=top_k)
     models["soup"] = soup(list(dense_dirs.values()), work / "models" / "soup")
 
-    eval_domains = ["public", *CLOSED_DOMAINS]
+    eval_domains = ["public", *domains]
     eval_files = {"public": public_corpus, **files}
     data = {}
     for d in eval_domains:
@@ -203,7 +218,7 @@ def main() -> None:
 
     # Opt-out: remove each expert in turn; every domain's change vs the full model.
     opt: dict[str, dict[str, float]] = {}
-    for i, domain in enumerate(CLOSED_DOMAINS):
+    for i, domain in enumerate(domains):
         org = f"owner-{chr(ord('a') + i)}"
         path = work / "models" / f"flexolmo-without-{org}"
         optout(models["flexolmo"], [org], path)
@@ -218,9 +233,10 @@ def main() -> None:
         "flexolmo",
         "flexolmo-no-bias",
         "flexolmo-random-init",
+        "flexolmo-embedder",
         "flexolmo-uncoordinated",
     ]
-    closed = list(CLOSED_DOMAINS)
+    closed = domains
     avg = {c: sum(table[d][c] for d in closed) / len(closed) for c in columns}
     results = {
         "quick": args.quick,

@@ -64,6 +64,20 @@ def group() -> None:
     help="How r_i starts: mean public-model hidden state of your documents, random, or r_pub.",
 )
 @click.option(
+    "--router-init-documents",
+    default=1000,
+    show_default=True,
+    type=int,
+    help="Documents sampled to compute r_i (fewer: faster on a large public model).",
+)
+@click.option(
+    "--eval-batches",
+    default=16,
+    show_default=True,
+    type=int,
+    help="Held-out batches scored before and after training.",
+)
+@click.option(
     "--bias-init",
     default=0.0,
     show_default=True,
@@ -124,6 +138,8 @@ def train(
     lr: float,
     warmup_steps: int | None,
     router_init: str,
+    router_init_documents: int,
+    eval_batches: int,
     bias_init: float,
     learn_bias: bool,
     max_tokens: int | None,
@@ -151,6 +167,8 @@ def train(
         lr=lr,
         warmup_steps=warmup_steps,
         router_init=router_init,
+        router_init_documents=router_init_documents,
+        eval_batches=eval_batches,
         bias_init=bias_init,
         learn_bias=learn_bias,
         max_tokens=max_tokens,

@@ -140,3 +140,39 @@ def random_router_init(hidden_size: int, num_layers: int, seed: int) -> list[tor
     """The 'no domain init' ablation: small random rows (OLMo-core's router init scale)."""
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(hidden_size, generator=g) * 0.002 for _ in range(num_layers)]
+
+
+def public_router_rows(
+    public: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    docs: Sequence[str],
+    kind: str = "hidden-states",
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    seed: int = 0,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[list[torch.Tensor], dict[str, object], torch.Tensor | None]:
+    """The coordinator's r_pub rows, the anchor's ``embedder`` record, and any projection.
+
+    ``kind`` is ``hidden-states`` (the public model's mean MLP input per layer, unit norm) or
+    ``minilm`` (all-MiniLM-L6-v2's mean document embedding through a random projection that
+    the anchor publishes, so owners map their own embeddings the same way).
+    """
+    record: dict[str, object] = {
+        "kind": kind,
+        "documents": len(docs),
+        "max_tokens": max_tokens,
+        "seed": seed,
+    }
+    if kind == "minilm":
+        from flexfed.common.embedder import mean_embedding, project, random_projection
+
+        cfg = public.config
+        projection = random_projection(int(cfg.hidden_size), seed)
+        embedding = mean_embedding(docs, max_tokens=max_tokens)
+        return project(projection, embedding, int(cfg.num_hidden_layers)), record, projection
+    if kind != "hidden-states":
+        raise InvalidInputError(f"unknown router embedding kind {kind!r}")
+    rows = mlp_input_means(
+        public, tokenizer, docs, max_tokens=max_tokens, on_batch=on_batch, norm=DEFAULT_NORM
+    )
+    return rows, {**record, "norm": DEFAULT_NORM}, None

