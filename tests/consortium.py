@@ -8,9 +8,15 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+import grpc
 
 from flexfed.common.pki import generate_key_and_csr, init_ca, issue_certificate
+from flexfed.common.tls import secure_channel
+
+if TYPE_CHECKING:
+    from flexfed.server.auth import Authorizer
 
 
 class Member(NamedTuple):
@@ -62,3 +68,23 @@ class Pki:
             not_after=not_after,
         )
         return Member(org, role, req.key, issued.path)
+
+
+@dataclass
+class Consortium:
+    """A CA with an operator (also the server's TLS identity), two owners and an auditor."""
+
+    pki: Pki
+    server: Member  # operator certificate with SANs 127.0.0.1 and localhost
+    operator: Member
+    acme: Member  # owner
+    globex: Member  # owner
+    auditor: Member
+
+    def authorizer(self) -> Authorizer:
+        from flexfed.server.auth import Authorizer
+
+        return Authorizer(self.pki.ca_pem, self.pki.crl_pem)
+
+    def channel(self, address: str, member: Member) -> grpc.Channel:
+        return secure_channel(address, self.pki.ca_pem, member.cert, member.key)
