@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 import traceback
 from typing import Any
@@ -73,6 +74,11 @@ def cli(verbose: bool) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     verbose = "-v" in args or "--verbose" in args
+    if not verbose:
+        # NOTE: transformers draws a tqdm bar for every checkpoint it loads or writes; flexfed
+        # shows its own progress for the work a person waits for. Set before transformers is
+        # imported (it reads this once); child processes (the demo's owners) inherit it.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         cli.main(args=args, prog_name="flexfed", standalone_mode=False)
     except click.exceptions.Abort:
