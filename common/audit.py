@@ -637,7 +637,7 @@ def _bundle_reason(err: Exception) -> Reason:
     )
 
 
-def _public_key(key: ec.EllipticCurvePublicKey | PathLike) -> ec.EllipticCurvePublicKey:
+def public_key_of(key: ec.EllipticCurvePublicKey | PathLike) -> ec.EllipticCurvePublicKey:
     """A log key from a PEM public key or certificate file (or as is)."""
     if isinstance(key, ec.EllipticCurvePublicKey):
         return key
@@ -658,16 +658,16 @@ def _public_key(key: ec.EllipticCurvePublicKey | PathLike) -> ec.EllipticCurvePu
 
 
 @contextmanager
-def _opened_log(log: FileLog | PathLike) -> Iterator[LogReader]:
+def _opened_log(log: LogReader | PathLike) -> Iterator[LogReader]:
     """A log to read: a FileLog as is, a file through a private copy (never touched)."""
-    if isinstance(log, FileLog):
+    if not isinstance(log, str | os.PathLike):  # a FileLog, or a remote_log.VerifiedLog
         yield log
         return
     path = Path(log)
     if "://" in str(log):
         raise ConfigError(
-            f"{log}: reading the log from the coordinator is not available yet; download the "
-            "log file and pass its path"
+            f"{log}: open a coordinator's log with flexfed.common.remote_log.open_remote_log "
+            "(flexfed audit verify --log grpcs://... does)"
         )
     if not path.is_file():
         raise MissingFileError(f"log file not found: {path}")
@@ -684,7 +684,7 @@ def audit_model(
     model_dir: PathLike,
     ca_cert: x509.Certificate | PathLike,
     crl: x509.CertificateRevocationList | PathLike | None = None,
-    log: FileLog | PathLike | None = None,
+    log: LogReader | PathLike | None = None,
     log_key: ec.EllipticCurvePublicKey | PathLike | None = None,
     at: dt.datetime | None = None,
     *,
@@ -710,7 +710,7 @@ def audit_model(
     revocations = (
         crl if crl is None or isinstance(crl, x509.CertificateRevocationList) else load_crl(crl)
     )
-    public_log_key = _public_key(log_key) if log_key is not None else None
+    public_log_key = public_key_of(log_key) if log_key is not None else None
     report = AuditReport(model=root, at=when)
     if revocations is None:
         report.not_checked.append("revocation (no CRL given)")
@@ -965,7 +965,7 @@ def _check_expert_slot(
 def _check_log(
     report: AuditReport,
     model: AssembledModel,
-    log: FileLog | PathLike | None,
+    log: LogReader | PathLike | None,
     key: ec.EllipticCurvePublicKey,
     origin: str | None,
 ) -> None:

@@ -32,7 +32,19 @@ def _options(command: Callable[..., Any]) -> Callable[..., Any]:
             help="The consortium CA certificate (ca.pem), obtained out of band.",
         ),
         click.option("--crl", type=_PATH, default=None, help="The CA's current CRL (crl.pem)."),
-        click.option("--log", type=str, default=None, help="The transparency log file."),
+        click.option(
+            "--log",
+            type=str,
+            default=None,
+            help="The transparency log: its file, or the coordinator as grpcs://HOST:PORT "
+            "(then --cert and --key are your TLS identity).",
+        ),
+        click.option(
+            "--cert", type=_PATH, default=None, help="Your certificate, for --log grpcs://..."
+        ),
+        click.option(
+            "--key", type=_PATH, default=None, help="Your private key, for --log grpcs://..."
+        ),
         click.option(
             "--log-key",
             type=_PATH,
@@ -68,6 +80,8 @@ def _run(
     trust: Path,
     crl: Path | None,
     log: str | None,
+    cert: Path | None,
+    key: Path | None,
     log_key: Path | None,
     log_origin: str | None,
     anchor: Path | None,
@@ -75,7 +89,17 @@ def _run(
     workdir: Path | None,
 ) -> Any:
     from flexfed.common.anchor import open_anchor
-    from flexfed.common.audit import audit_model
+    from flexfed.common.audit import audit_model, public_key_of
+    from flexfed.common.remote_log import is_remote, open_remote_log
+
+    reader: Any = log
+    if log is not None and is_remote(log):
+        if cert is None or key is None or log_key is None:
+            raise ConfigError(
+                "--log grpcs://... needs --cert and --key (your TLS identity) and --log-key "
+                "(the log's public key, pinned out of band: the server's word is not trusted)"
+            )
+        reader = open_remote_log(log, public_key_of(log_key), trust, cert, key, origin=log_origin)
 
     when = None
     if at is not None:
@@ -89,7 +113,7 @@ def _run(
         model_dir,
         trust,
         crl,
-        log,
+        reader,
         log_key,
         when,
         anchor=open_anchor(anchor) if anchor is not None else None,
