@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -215,3 +216,115 @@ group.add_command(keygen)
 from flexfed.client.sign import sign  # noqa: E402
 
 group.add_command(sign)
+
+
+# --- talking to the coordinator --------------------------------------------------------------
+
+
+def _connection_options(command: Any) -> Any:
+    """--coordinator, --ca, --cert and --key (or FLEXFED_COORDINATOR, _CA, _CERT, _KEY)."""
+    options = [
+        click.option("--coordinator", "address", help="HOST:PORT of the coordinator."),
+        click.option(
+            "--ca", type=click.Path(path_type=Path), help="The consortium CA certificate."
+        ),
+        click.option("--cert", type=click.Path(path_type=Path), help="Your certificate."),
+        click.option("--key", type=click.Path(path_type=Path), help="Your private key."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _client(address: str | None, ca: Path | None, cert: Path | None, key: Path | None) -> Any:
+    from flexfed.client.consortium import Connection, ConsortiumClient
+
+    return ConsortiumClient(Connection.resolve(address, ca, cert, key))
+
+
+@group.command("fetch-anchor")
+@_connection_options
+@click.option(
+    "--out", required=True, type=click.Path(path_type=Path), help="Directory for the anchor."
+)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def fetch_anchor(
+    address: str | None,
+    ca: Path | None,
+    cert: Path | None,
+    key: Path | None,
+    out: Path,
+    quiet: bool,
+) -> None:
+    """Download the consortium's published anchor (resumes an interrupted download)."""
+    with _client(address, ca, cert, key) as client:
+        anchor = client.fetch_anchor(out, progress=not quiet)
+    click.echo(f"anchor {out}: {anchor.family.dense_model_type}, digest {anchor.digest}")
+
+
+@group.command("submit")
+@_connection_options
+@click.argument("expert_dir", type=click.Path(path_type=Path))
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def submit(
+    address: str | None,
+    ca: Path | None,
+    cert: Path | None,
+    key: Path | None,
+    expert_dir: Path,
+    quiet: bool,
+) -> None:
+    """Upload a signed expert bundle and submit it; prints the acceptance or the refusal."""
+    with _client(address, ca, cert, key) as client:
+        result = client.submit(expert_dir, progress=not quiet)
+    click.echo(
+        f"accepted: {result.expert.org}/{result.expert.name} as {result.expert.expert_id}, "
+        f"log entry {result.log_index} (inclusion proven in a tree of {result.tree_size})"
+    )
+
+
+@group.command("optout")
+@_connection_options
+@click.argument("expert_id")
+@click.option("--org", required=True, help="Your organisation (the expert's owner).")
+@click.option("--opt-in", "opt_in", is_flag=True, help="Withdraw an earlier opt-out instead.")
+def optout(
+    address: str | None,
+    ca: Path | None,
+    cert: Path | None,
+    key: Path | None,
+    expert_id: str,
+    org: str,
+    opt_in: bool,
+) -> None:
+    """Take your expert EXPERT_ID out of future releases (a request signed with your key)."""
+    action = "opt-in" if opt_in else "opt-out"
+    with _client(address, ca, cert, key) as client:
+        answer = client.owner_request(action, expert_id, org)
+    click.echo(
+        f"{action}: {expert_id} is now {_state(answer.expert.state)}, log entry {answer.log_index}"
+    )
+
+
+@group.command("status")
+@_connection_options
+@click.option("--org", default="", help="Only this organisation's experts.")
+def status(
+    address: str | None, ca: Path | None, cert: Path | None, key: Path | None, org: str
+) -> None:
+    """List the experts the coordinator holds, with their state and log entry."""
+    with _client(address, ca, cert, key) as client:
+        experts = client.experts(org)
+    if not experts:
+        click.echo("no experts")
+    for e in experts:
+        click.echo(
+            f"{e.expert_id}  {e.org}/{e.name}  {_state(e.state)}  log {e.log_index}  "
+            f"{e.submitted_at}"
+        )
+
+
+def _state(state: int) -> str:
+    from flexfed.proto.v1 import registry_pb2
+
+    return registry_pb2.ExpertState.Name(state).removeprefix("EXPERT_STATE_").lower()

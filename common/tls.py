@@ -16,7 +16,7 @@ from flexfed.common.errors import MissingFileError
 # Messages carry at most one chunk (1 MiB by default) plus framing; 8 MiB leaves headroom
 # for a server that allows larger chunks, and bounds what one message can cost in memory.
 MAX_MESSAGE_BYTES = 8 << 20
-CHANNEL_OPTIONS = [
+CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 30_000),
@@ -63,7 +63,7 @@ def secure_channel(
     ``server_name`` overrides the name checked against the server certificate (its SAN), for
     a coordinator reached by an address its certificate does not name.
     """
-    options = list(CHANNEL_OPTIONS)
+    options: list[tuple[str, int | str]] = list(CHANNEL_OPTIONS)
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))
     return grpc.secure_channel(address, channel_credentials(ca, cert, key), options=options)
