@@ -235,6 +235,6 @@ class ConsortiumClient:
             action, expert_id, org, self.connection.key, self.connection.cert
         )
         method = self.registry.OptOut if action == "opt-out" else self.registry.OptIn
-        answer = self._call(action, method, request)
+        answer = self._call(action, method, request.to_proto())
         assert isinstance(answer, registry_pb2.OwnerRequestResponse)
         return answer

@@ -33,6 +33,7 @@ SUBCOMMANDS: dict[str, str] = {
     "public": "flexfed.common.cli.public:group",
     "release": "flexfed.common.cli.release:group",
     "audit": "flexfed.common.cli.audit:group",
+    "coordinator": "flexfed.common.cli.coordinator:group",
 }
 
 _state = {"verbose": False}

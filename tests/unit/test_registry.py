@@ -1,0 +1,354 @@
+"""The coordinator's control side without a server: directory, registry, submissions, recovery.
+
+Protects: ``init`` makes a complete coordinator directory (config that loads back, log key
+0600, the anchor published in the store) and never overwrites one; the registry stores and
+returns experts and releases; a submission is accepted once (a second time returns the same
+acceptance and logs nothing); every refusal has its stable code and changes nothing (log,
+registry, staging); a crash between the log append and the registry write is repaired from
+the log at startup, and ``check`` reports exactly such disagreements.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import make_expert_bundle
+from consortium import Member, Pki
+
+from flexfed.client.sign import sign_bundle
+from flexfed.common.anchor import Anchor
+from flexfed.common.artifact_tar import ArtifactKind, extract_archive
+from flexfed.common.bundle import EXPERT_WEIGHTS
+from flexfed.common.errors import ConfigError
+from flexfed.common.pki import generate_key_and_csr, issue_certificate
+from flexfed.common.safetensors_io import load_tensors, save_tensors
+from flexfed.common.signing import BundleVerifier
+from flexfed.common.tiny import build_anchor
+from flexfed.common.translog import parse_entry
+from flexfed.server import lifecycle
+from flexfed.server.config import load_config
+from flexfed.server.consistency import check, recover
+from flexfed.server.coordinator import Coordinator, CoordinatorExistsError, init_coordinator
+from flexfed.server.lifecycle import _event, release, revoke
+from flexfed.server.pipeline import (
+    REASON_CODES,
+    CallerOrgError,
+    SubmissionPipeline,
+    acceptance_event,
+)
+from flexfed.server.registry import (
+    ExpertRecord,
+    ExpertState,
+    Registry,
+    ReleaseRecord,
+)
+
+
+@pytest.fixture(scope="module")
+def small_anchor(tmp_path_factory: pytest.TempPathFactory) -> Anchor:
+    return build_anchor(
+        "olmo2",
+        tmp_path_factory.mktemp("anchor") / "anchor",
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+    )
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return Pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def server_member(pki: Pki) -> Member:
+    out = pki.root / "members" / "server"
+    req = generate_key_and_csr("consortium", out, "operator")
+    cert = issue_certificate(pki.ca_dir, req.csr, "operator", out=out / "cert.pem")
+    return Member("consortium", "operator", req.key, cert.path)
+
+
+@pytest.fixture(scope="module")
+def acme(pki: Pki) -> Member:
+    return pki.member("acme")
+
+
+def make_coordinator(root: Path, pki: Pki, server: Member, anchor: Anchor) -> Path:
+    init_coordinator(
+        root,
+        ca_cert=pki.ca_pem,
+        crl=pki.crl_pem,
+        tls_cert=server.cert,
+        tls_key=server.key,
+        anchor_dir=anchor.path,
+        origin="test.example/log",
+    )
+    return root
+
+
+@pytest.fixture
+def coordinator(
+    tmp_path: Path, pki: Pki, server_member: Member, small_anchor: Anchor
+) -> Iterator[Coordinator]:
+    root = make_coordinator(tmp_path / "coord", pki, server_member, small_anchor)
+    with Coordinator.open(root) as c:
+        yield c
+
+
+def upload(c: Coordinator, bundle: Path) -> str:
+    return c.store.put_directory(bundle, ArtifactKind.EXPERT_BUNDLE).digest
+
+
+def signed_bundle(
+    anchor: Anchor, where: Path, member: Member, pki: Pki, seed: int, name: str = "expert"
+) -> Path:
+    bundle = make_expert_bundle(
+        anchor, where / f"{member.org}-{name}-{seed}", member.org, seed, name
+    )
+    sign_bundle(bundle, member.key, member.cert, [pki.ca_pem])
+    return bundle
+
+
+def state_of(c: Coordinator) -> tuple[int, list[ExpertRecord], list[Path]]:
+    return c.log.size, c.registry.experts(), sorted(c.config.staging_dir.iterdir())
+
+
+# --- init and config ----------------------------------------------------------------------
+
+
+def test_init_makes_a_complete_coordinator(coordinator: Coordinator) -> None:
+    config = coordinator.config
+    assert load_config(config.root) == config
+    assert stat.S_IMODE(os.stat(config.log_key).st_mode) == 0o600
+    assert config.anchor.artifact_digest in coordinator.store
+    assert coordinator.store.info(config.anchor.artifact_digest).kind == ArtifactKind.ANCHOR
+    assert coordinator.anchor.digest == config.anchor.digest
+    assert coordinator.registry.anchor().artifact_digest == config.anchor.artifact_digest
+    assert config.database_url == f"sqlite:///{config.root}/registry.db"
+    assert coordinator.log.size == 0
+    assert check(coordinator) == []
+
+
+def test_init_never_overwrites(
+    coordinator: Coordinator, pki: Pki, server_member: Member, small_anchor: Anchor
+) -> None:
+    before = coordinator.config.config_file.read_bytes()
+    with pytest.raises(CoordinatorExistsError):
+        make_coordinator(coordinator.config.root, pki, server_member, small_anchor)
+    assert coordinator.config.config_file.read_bytes() == before
+
+
+def test_init_refuses_a_tls_identity_that_is_not_an_operator(
+    tmp_path: Path, pki: Pki, acme: Member, small_anchor: Anchor
+) -> None:
+    with pytest.raises(ConfigError, match="cannot be the coordinator's identity"):
+        make_coordinator(tmp_path / "c", pki, acme, small_anchor)
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.replace('listen = "127.0.0.1:50051"', 'listen = "nowhere"'), "HOST:PORT"),
+        (lambda t: t + "\n[extra]\n", "unknown setting"),
+        (lambda t: t.replace("workers = 8", "workers = 0"), "workers must be a positive"),
+        (lambda t: t.replace("[log]", "[log"), "not valid TOML"),
+        (lambda t: t.replace('origin = "test.example/log"', 'origin = "a b"'), "log origin"),
+    ],
+)
+def test_bad_config_says_what_to_fix(coordinator: Coordinator, edit, message: str) -> None:
+    path = coordinator.config.config_file
+    path.write_text(edit(path.read_text()))
+    with pytest.raises(ConfigError, match=message):
+        load_config(coordinator.config.root)
+
+
+# --- the registry --------------------------------------------------------------------------
+
+
+def test_registry_round_trips_experts_and_releases(tmp_path: Path) -> None:
+    registry = Registry(f"sqlite:///{tmp_path}/r.db")
+    record = ExpertRecord(
+        "sha256:" + "a" * 64, "acme", "code", ExpertState.ACCEPTED, 0, "b" * 64, "c" * 64,
+        "d" * 64, "e" * 64, "acme (owner, serial 01)", "2025-01-01T00:00:00+00:00",
+    )  # fmt: skip
+    assert registry.add_expert(record) == record
+    assert registry.add_expert(record) == record  # idempotent
+    assert registry.experts(org="acme") == [record]
+    assert registry.experts(org="globex") == []
+    moved = registry.set_state(record.expert_id, ExpertState.OPTED_OUT, 3, "2025-01-02")
+    assert (moved.state, moved.state_log_index) == (ExpertState.OPTED_OUT, 3)
+    assert registry.experts(state=ExpertState.ACCEPTED) == []
+    release_v1 = ReleaseRecord(1, "sha256:" + "f" * 64, (record.expert_id,), 2, 4, "now")
+    registry.add_release(release_v1)
+    assert registry.releases() == [release_v1]
+    assert registry.next_version() == 2
+    with pytest.raises(ConfigError, match="clashes"):
+        registry.add_release(release_v1)
+    with registry.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+# --- submissions ---------------------------------------------------------------------------
+
+
+def test_submission_is_accepted_once(
+    coordinator: Coordinator, small_anchor: Anchor, acme: Member, pki: Pki, tmp_path: Path
+) -> None:
+    digest = upload(coordinator, signed_bundle(small_anchor, tmp_path, acme, pki, seed=1))
+    pipeline = SubmissionPipeline(coordinator)
+    first = pipeline.submit(digest, "acme")
+    assert first.accepted and not first.already
+    assert first.expert.expert_id == digest and first.expert.org == "acme"
+    event = parse_entry(coordinator.log.entry(first.expert.log_index))
+    assert event["type"] == "expert-accepted" and event["expert_id"] == digest
+    again = pipeline.submit(digest, "acme")
+    assert again.accepted and again.already and again.expert == first.expert
+    assert coordinator.log.size == 1
+    assert check(coordinator) == []
+
+
+def _nan(bundle: Path) -> None:
+    tensors = load_tensors(bundle / EXPERT_WEIGHTS)
+    tensors["layers.0.up_proj.weight"][0, 0] = float("nan")
+    save_tensors(bundle / EXPERT_WEIGHTS, tensors, {"format": "pt"})
+
+
+def _flip_last_byte(bundle: Path) -> None:
+    data = bytearray((bundle / EXPERT_WEIGHTS).read_bytes())
+    data[-1] ^= 1
+    (bundle / EXPERT_WEIGHTS).write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("case", "code"),
+    [("nan signed", "not-finite"), ("weights changed after signing", "signature-invalid")],
+)
+def test_a_refusal_changes_nothing(
+    case: str,
+    code: str,
+    coordinator: Coordinator,
+    small_anchor: Anchor,
+    acme: Member,
+    pki: Pki,
+    tmp_path: Path,
+) -> None:
+    bundle = make_expert_bundle(small_anchor, tmp_path / "b", "acme", seed=2)
+    if case == "nan signed":
+        _nan(bundle)
+        sign_bundle(bundle, acme.key, acme.cert, [pki.ca_pem])
+    else:
+        sign_bundle(bundle, acme.key, acme.cert, [pki.ca_pem])
+        _flip_last_byte(bundle)
+    digest = upload(coordinator, bundle)
+    before = state_of(coordinator)
+    result = SubmissionPipeline(coordinator).submit(digest, "acme")
+    assert not result.accepted and result.reason_code == code and code in REASON_CODES
+    assert result.reason and "\n" not in result.reason
+    assert state_of(coordinator) == before
+
+
+def test_not_uploaded_and_another_orgs_bundle_change_nothing(
+    coordinator: Coordinator, small_anchor: Anchor, acme: Member, pki: Pki, tmp_path: Path
+) -> None:
+    pipeline = SubmissionPipeline(coordinator)
+    before = state_of(coordinator)
+    assert pipeline.submit("sha256:" + "0" * 64, "acme").reason_code == "not-uploaded"
+    assert pipeline.submit("not a digest", "acme").reason_code == "not-uploaded"
+    anchor_artifact = coordinator.config.anchor.artifact_digest
+    assert pipeline.submit(anchor_artifact, None).reason_code == "bundle-invalid"
+    digest = upload(coordinator, signed_bundle(small_anchor, tmp_path, acme, pki, seed=3))
+    with pytest.raises(CallerOrgError):
+        pipeline.submit(digest, "globex")
+    assert state_of(coordinator) == before
+
+
+def test_a_second_expert_with_the_same_name_is_refused(
+    coordinator: Coordinator, small_anchor: Anchor, acme: Member, pki: Pki, tmp_path: Path
+) -> None:
+    pipeline = SubmissionPipeline(coordinator)
+    first = upload(coordinator, signed_bundle(small_anchor, tmp_path, acme, pki, seed=4))
+    second = upload(coordinator, signed_bundle(small_anchor, tmp_path, acme, pki, seed=5))
+    assert pipeline.submit(first, "acme").accepted
+    assert pipeline.submit(second, "acme").reason_code == "duplicate-name"
+    revoke(coordinator, first, "test", "operator")
+    assert pipeline.submit(first, None).reason_code == "expert-revoked"
+    assert pipeline.submit(second, "acme").accepted  # other weights may take the name
+    assert check(coordinator) == []
+
+
+# --- crash recovery ------------------------------------------------------------------------
+
+
+def test_recovery_restores_what_the_log_holds(
+    coordinator: Coordinator, small_anchor: Anchor, acme: Member, pki: Pki, tmp_path: Path
+) -> None:
+    """A crash after the log append and before the registry write loses nothing."""
+    pipeline = SubmissionPipeline(coordinator)
+    kept = upload(coordinator, signed_bundle(small_anchor, tmp_path, acme, pki, seed=6, name="a"))
+    assert pipeline.submit(kept, "acme").accepted
+    lost = upload(coordinator, signed_bundle(small_anchor, tmp_path, acme, pki, seed=7, name="b"))
+    # What _accept does, cut short before the registry commit:
+    bundle = extract_archive(coordinator.store.path(lost), tmp_path / "x")
+    verified = BundleVerifier(coordinator.ca_cert, coordinator.current_crl()).verify(bundle)
+    index = coordinator.log.append(acceptance_event(verified, lost, "2025-01-01T00:00:00+00:00"))
+    # ... and an opt-out of the first expert logged without its registry update.
+    opt_out = coordinator.log.append(
+        _event("opt-out", coordinator.registry.require_expert(kept), "2025-01-02T00:00:00+00:00")
+    )
+    problems = check(coordinator)
+    assert any(f"{lost}: accepted at log entry {index}" in p for p in problems)
+    assert any(f"{kept}: registry state accepted, the log's opted_out" in p for p in problems)
+    repairs = recover(coordinator)
+    assert len(repairs) == 2
+    assert coordinator.registry.require_expert(lost).log_index == index
+    assert coordinator.registry.require_expert(kept).state is ExpertState.OPTED_OUT
+    assert coordinator.registry.require_expert(kept).state_log_index == opt_out
+    assert check(coordinator) == []
+    assert recover(coordinator) == []
+
+
+def test_release_stores_a_signed_model_and_recovery_finishes_an_interrupted_one(
+    coordinator: Coordinator,
+    small_anchor: Anchor,
+    acme: Member,
+    pki: Pki,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pipeline = SubmissionPipeline(coordinator)
+    ids = [
+        upload(coordinator, signed_bundle(small_anchor, tmp_path, acme, pki, seed=s, name=f"e{s}"))
+        for s in (8, 9)
+    ]
+    for digest in ids:
+        assert pipeline.submit(digest, "acme").accepted
+    record = release(coordinator)
+    assert record.version == 1 and list(record.expert_ids) == ids and record.top_k == 3
+    assert coordinator.store.info(record.model_artifact_digest).kind == ArtifactKind.MODEL
+    event = parse_entry(coordinator.log.entry(record.log_index))
+    assert event["type"] == "assembly-released"
+    assert check(coordinator) == []
+    assert list(coordinator.config.staging_dir.iterdir()) == []
+
+    # A release whose log entry was written but whose row was not: recovery finishes it.
+    def crash(*args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lifecycle, "finish_release", crash)
+    with pytest.raises(KeyboardInterrupt):
+        release(coordinator, [ids[0]])
+    monkeypatch.undo()
+    assert len(coordinator.registry.releases()) == 1
+    assert any("a release the registry does not know" in p for p in check(coordinator))
+    repairs = recover(coordinator)
+    assert len(repairs) == 1 and "finished" in repairs[0]
+    second = coordinator.registry.releases()[1]
+    assert second.version == 2 and second.expert_ids == (ids[0],)
+    assert second.model_artifact_digest in coordinator.store
+    assert check(coordinator) == []
