@@ -328,3 +328,27 @@ def _state(state: int) -> str:
     from flexfed.proto.v1 import registry_pb2
 
     return registry_pb2.ExpertState.Name(state).removeprefix("EXPERT_STATE_").lower()
+
+
+@group.command("fetch-model")
+@_connection_options
+@click.option(
+    "--out", required=True, type=click.Path(path_type=Path), help="Directory for the model."
+)
+@click.option(
+    "--version", "version", default=0, type=int, help="Release version (default: latest)."
+)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def fetch_model(
+    address: str | None,
+    ca: Path | None,
+    cert: Path | None,
+    key: Path | None,
+    out: Path,
+    version: int,
+    quiet: bool,
+) -> None:
+    """Download a released model (an HF checkpoint) to evaluate or audit it."""
+    with _client(address, ca, cert, key) as client:
+        path = client.fetch_model(out, version, progress=not quiet)
+    click.echo(f"model {path}")

@@ -238,3 +238,43 @@ class ConsortiumClient:
         answer = self._call(action, method, request.to_proto())
         assert isinstance(answer, registry_pb2.OwnerRequestResponse)
         return answer
+
+    # --- releases (the operator releases and revokes; everyone may read and download) -----
+
+    def releases(self) -> list[registry_pb2.Release]:
+        answer = self._call(
+            "ListReleases", self.registry.ListReleases, registry_pb2.ListReleasesRequest()
+        )
+        assert isinstance(answer, registry_pb2.ListReleasesResponse)
+        return list(answer.releases)
+
+    def release(self, expert_ids: list[str] | None = None, top_k: int = 0) -> registry_pb2.Release:
+        """Operator: assemble the accepted experts (or those named) into a new model version."""
+        request = registry_pb2.ReleaseRequest(expert_ids=expert_ids or [], top_k=top_k)
+        answer = self._call("ReleaseModel", self.registry.ReleaseModel, request)
+        assert isinstance(answer, registry_pb2.Release)
+        return answer
+
+    def revoke(self, expert_id: str, reason: str) -> registry_pb2.OwnerRequestResponse:
+        """Operator: withdraw an expert for good (logged; later releases leave it out)."""
+        request = registry_pb2.RevokeExpertRequest(expert_id=expert_id, reason=reason)
+        answer = self._call("RevokeExpert", self.registry.RevokeExpert, request)
+        assert isinstance(answer, registry_pb2.OwnerRequestResponse)
+        return answer
+
+    def fetch_model(self, out: Path, version: int = 0, progress: bool = True) -> Path:
+        """Download released model ``version`` (0: the latest) into ``out``."""
+        from flexfed.client.transfer import download_artifact
+
+        releases = self.releases()
+        if not releases:
+            raise ConfigError("the coordinator has released no model yet")
+        chosen = (
+            max(releases, key=lambda r: r.version)
+            if version == 0
+            else next((r for r in releases if r.version == version), None)
+        )
+        if chosen is None:
+            known = ", ".join(str(r.version) for r in releases)
+            raise ConfigError(f"no release {version}; released versions: {known}")
+        return download_artifact(self.channel, chosen.model_artifact_digest, out, progress=progress)

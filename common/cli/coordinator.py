@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -133,3 +134,59 @@ def check(directory: Path, skip_anchor: bool) -> None:
         click.echo(f"{len(problems)} problem(s) in {config.root}", err=True)
         raise click.exceptions.Exit(1)
     click.echo(f"{config.root}: registry, store and log agree ({experts} experts, {size} entries)")
+
+
+# --- administering a running coordinator (as the operator, over mutual TLS) ---------------
+
+
+def _operator_client(
+    address: str | None, ca: Path | None, cert: Path | None, key: Path | None
+) -> Any:
+    from flexfed.client.consortium import Connection, ConsortiumClient
+
+    return ConsortiumClient(Connection.resolve(address, ca, cert, key), timeout=1800.0)
+
+
+def _remote(command: Any) -> Any:
+    from flexfed.client.cli import _connection_options
+
+    return _connection_options(command)
+
+
+@group.command("release")
+@_remote
+@click.option("--expert", "experts", multiple=True, help="Expert ids (default: every accepted).")
+@click.option("--top-k", default=0, type=int, help="Experts active per token (0: the default).")
+def release(
+    address: str | None,
+    ca: Path | None,
+    cert: Path | None,
+    key: Path | None,
+    experts: tuple[str, ...],
+    top_k: int,
+) -> None:
+    """Assemble, log and sign a new model version from the accepted experts."""
+    with _operator_client(address, ca, cert, key) as client:
+        r = client.release(list(experts), top_k)
+    click.echo(
+        f"release {r.version}: {len(r.expert_ids)} experts, top-{r.top_k}, model "
+        f"{r.model_artifact_digest}, log entry {r.log_index}"
+    )
+
+
+@group.command("revoke")
+@_remote
+@click.argument("expert_id")
+@click.option("--reason", required=True, help="Why (recorded in the log).")
+def revoke(
+    address: str | None,
+    ca: Path | None,
+    cert: Path | None,
+    key: Path | None,
+    expert_id: str,
+    reason: str,
+) -> None:
+    """Withdraw EXPERT_ID for good: later releases leave it out; audits flag it."""
+    with _operator_client(address, ca, cert, key) as client:
+        answer = client.revoke(expert_id, reason)
+    click.echo(f"revoked {expert_id}, log entry {answer.log_index}")
