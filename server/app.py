@@ -70,7 +70,11 @@ def _add_artifacts(server: grpc.Server, coordinator: Coordinator, auth: Authoriz
         logger.warning("flexfed.server.artifacts is missing: serving without ArtifactService")
         return
     artifact_pb2_grpc.add_ArtifactServiceServicer_to_server(
-        ArtifactServicer(coordinator.store, auth), server
+        # FIX: stalled streams are cancelled after limits.stream_idle_seconds (see artifacts).
+        ArtifactServicer(
+            coordinator.store, auth, idle_seconds=coordinator.config.limits.stream_idle_seconds
+        ),
+        server,
     )
 
 

@@ -21,13 +21,18 @@ therefore be built with a pool sized for the expected concurrent transfers and t
 bound as ``maximum_concurrent_rpcs`` (so that calls beyond it are refused with
 ``RESOURCE_EXHAUSTED`` at once instead of queueing behind stalled ones), and keepalive
 options so that dead peers are noticed; clients (:mod:`flexfed.client.transfer`) cancel a
-stream that makes no progress within their deadline and resume it.
+stream that makes no progress within their deadline and resume it. The server cancels a
+stream that makes no progress for ``idle_seconds`` (``limits.stream_idle_seconds``)
+itself, whatever deadline the client chose: otherwise as many stalled streams as there are
+workers would stop every call of every member.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import NoReturn
 
@@ -37,6 +42,7 @@ from flexfed.common.artifact_tar import ArtifactInfo, ArtifactKind
 from flexfed.common.errors import DigestMismatchError, FlexfedError, InvalidInputError
 from flexfed.proto.v1 import artifact_pb2, artifact_pb2_grpc
 from flexfed.server.auth import Authorizer, Caller, abort, status_of
+from flexfed.server.config import DEFAULT_STREAM_IDLE_SECONDS
 from flexfed.server.store import (
     ArtifactStore,
     ArtifactTooLargeError,
@@ -87,6 +93,41 @@ def _state_to_proto(state: UploadState) -> artifact_pb2.UploadState:
     )
 
 
+class _IdleCancel:
+    """Cancels a stream when :meth:`kick` was not called for ``limit`` seconds.
+
+    FIX (found by tests/integration/test_load.py): a client that opens a stream and then
+    neither sends nor reads held a worker thread until its own deadline (any length), so
+    ``limits.workers`` such streams froze the whole server. Cancelling frees the thread;
+    whatever was counted is durable and the client resumes.
+    """
+
+    def __init__(self, context: grpc.ServicerContext, limit: float, what: str) -> None:
+        self.context = context
+        self.limit = limit
+        self.what = what
+        self._last = time.monotonic()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="stream-idle")
+
+    def kick(self) -> None:
+        self._last = time.monotonic()
+
+    def _watch(self) -> None:
+        while not self._done.wait(min(1.0, self.limit / 4)):
+            if time.monotonic() - self._last > self.limit:
+                log.warning("%s: no progress for %.0f s; cancelled", self.what, self.limit)
+                self.context.cancel()
+                return
+
+    def __enter__(self) -> _IdleCancel:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+
+
 def _kind(context: grpc.ServicerContext, value: int) -> ArtifactKind:
     try:
         return ArtifactKind(value)
@@ -98,9 +139,16 @@ def _kind(context: grpc.ServicerContext, value: int) -> ArtifactKind:
 class ArtifactServicer(artifact_pb2_grpc.ArtifactServiceServicer):  # type: ignore[misc,unused-ignore]
     """Uploads into and downloads from the coordinator's :class:`ArtifactStore`."""
 
-    def __init__(self, store: ArtifactStore, authorizer: Authorizer) -> None:
+    def __init__(
+        self,
+        store: ArtifactStore,
+        authorizer: Authorizer,
+        *,
+        idle_seconds: float = DEFAULT_STREAM_IDLE_SECONDS,
+    ) -> None:
         self.store = store
         self.auth = authorizer
+        self.idle_seconds = idle_seconds  # a stream without progress this long is cancelled
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -148,25 +196,30 @@ class ArtifactServicer(artifact_pb2_grpc.ArtifactServiceServicer):  # type: igno
     ) -> artifact_pb2.UploadState:
         caller, owner = self._uploader(context)
         upload_id: str | None = None
+        # FIX: cancelled after idle_seconds without a chunk (see _IdleCancel).
+        idle = _IdleCancel(context, self.idle_seconds, f"upload stream from {caller}")
         try:
-            for chunk in request_iterator:
-                if upload_id is None:
-                    upload_id = chunk.upload_id
-                elif chunk.upload_id != upload_id:
-                    raise InvalidInputError(
-                        "every message of an Upload stream must name the same upload"
-                    )
-                try:
-                    self.store.append(
-                        upload_id, owner, chunk.offset, chunk.data, chunk.chunk_sha256
-                    )
-                except UploadCompleteError:
-                    break  # the artifact is stored (e.g. by another owner): nothing to add
+            with idle:
+                for chunk in request_iterator:
+                    if upload_id is None:
+                        upload_id = chunk.upload_id
+                    elif chunk.upload_id != upload_id:
+                        raise InvalidInputError(
+                            "every message of an Upload stream must name the same upload"
+                        )
+                    try:
+                        self.store.append(
+                            upload_id, owner, chunk.offset, chunk.data, chunk.chunk_sha256
+                        )
+                    except UploadCompleteError:
+                        break  # the artifact is stored (e.g. by another owner): nothing to add
+                    idle.kick()
         except FlexfedError as err:
             self._fail(context, err)
         except grpc.RpcError:
-            # NOTE: the client went away mid-stream. Every chunk counted so far is on disk;
-            # the client resumes from GetUpload's offset. Nobody reads this answer.
+            # NOTE: the client went away mid-stream (or idled and was cancelled). Every chunk
+            # counted so far is on disk; the client resumes from GetUpload's offset. Nobody
+            # reads this answer.
             log.info("upload %s: stream from %s broke; it can resume", upload_id, caller)
             return artifact_pb2.UploadState(upload_id=upload_id or "")
         if upload_id is None:
@@ -220,19 +273,23 @@ class ArtifactServicer(artifact_pb2_grpc.ArtifactServiceServicer):  # type: igno
             pos = request.offset
             blob.seek(pos)
             first: artifact_pb2.ArtifactInfo | None = info_to_proto(info)
+            # FIX: a reader that stops reading is cancelled after idle_seconds (_IdleCancel).
+            idle = _IdleCancel(context, self.idle_seconds, f"download of {info.digest}")
             # NOTE: a yield returns only once gRPC has sent the message (flow control), so at
             # most one chunk per stream is in memory, however slowly the client reads.
-            while first is not None or pos < end:
-                data = blob.read(min(self.store.max_chunk_bytes, end - pos))
-                if pos < end and not data:
-                    abort(context, grpc.StatusCode.INTERNAL, f"{info.digest} ended early")
-                yield artifact_pb2.DownloadChunk(
-                    offset=pos,
-                    data=data,
-                    chunk_sha256=hashlib.sha256(data).hexdigest(),
-                    artifact=first,
-                )
-                first = None
-                pos += len(data)
-                if not context.is_active():
-                    return
+            with idle:
+                while first is not None or pos < end:
+                    data = blob.read(min(self.store.max_chunk_bytes, end - pos))
+                    if pos < end and not data:
+                        abort(context, grpc.StatusCode.INTERNAL, f"{info.digest} ended early")
+                    yield artifact_pb2.DownloadChunk(
+                        offset=pos,
+                        data=data,
+                        chunk_sha256=hashlib.sha256(data).hexdigest(),
+                        artifact=first,
+                    )
+                    idle.kick()
+                    first = None
+                    pos += len(data)
+                    if not context.is_active():
+                        return

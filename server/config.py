@@ -37,6 +37,7 @@ DEFAULT_MAX_ARTIFACT_BYTES = 64 << 30
 DEFAULT_MAX_CHUNK_BYTES = 1 << 20
 DEFAULT_WORKERS = 8
 DEFAULT_GRACE_SECONDS = 10.0
+DEFAULT_STREAM_IDLE_SECONDS = 120.0
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class Limits:
     max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
     workers: int = DEFAULT_WORKERS  # threads serving calls
     grace_seconds: float = DEFAULT_GRACE_SECONDS  # how long in-flight calls get at shutdown
+    # FIX (tests/integration/test_load.py): an Upload/Download stream without progress for
+    # this long is cancelled, freeing its worker; `workers` stalled streams froze the server.
+    stream_idle_seconds: float = DEFAULT_STREAM_IDLE_SECONDS
 
     def __post_init__(self) -> None:
         for name in ("max_artifact_bytes", "max_chunk_bytes", "workers"):
@@ -58,6 +62,9 @@ class Limits:
             raise ConfigError("limits.max_chunk_bytes must be at most 4 MiB (4194304)")
         if not isinstance(self.grace_seconds, int | float) or self.grace_seconds < 0:
             raise ConfigError("limits.grace_seconds must be a number of seconds, 0 or more")
+        idle = self.stream_idle_seconds
+        if isinstance(idle, bool) or not isinstance(idle, int | float) or idle <= 0:
+            raise ConfigError("limits.stream_idle_seconds must be a number of seconds, above 0")
 
 
 @dataclass(frozen=True)
@@ -170,6 +177,7 @@ class CoordinatorConfig:
             f"max_chunk_bytes = {self.limits.max_chunk_bytes}",
             f"workers = {self.limits.workers}",
             f"grace_seconds = {float(self.limits.grace_seconds)}",
+            f"stream_idle_seconds = {float(self.limits.stream_idle_seconds)}",
             "",
             "[tls]",
             f"ca_cert = {path(self.tls.ca_cert)}",

@@ -36,6 +36,7 @@ from flexfed.common.errors import AssemblyError, InvalidInputError
 from flexfed.common.owner_request import SignedOwnerRequest, verify_owner_request
 from flexfed.common.translog import parse_entry
 from flexfed.server.coordinator import Coordinator
+from flexfed.server.failpoints import failpoint
 from flexfed.server.pipeline import CallerOrgError
 from flexfed.server.registry import (
     ExpertRecord,
@@ -172,7 +173,9 @@ def release(
             if final.exists():
                 shutil.rmtree(final)
             os.rename(work / "model", final)
+            failpoint("release-after-assembly")  # crash tests: assembled in staging, not logged
             record_release(final, c.log, c.log_key, c.config.log_origin)
+            failpoint("release-after-log")  # crash tests: logged, not signed/stored/registered
             return finish_release(c, version, [e.expert_id for e in chosen])
     finally:
         shutil.rmtree(work, ignore_errors=True)

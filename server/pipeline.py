@@ -53,6 +53,7 @@ from flexfed.common.signing import (
 )
 from flexfed.common.validation import MAX_ATTESTATION_BYTES, max_weights_bytes, validate_bundle
 from flexfed.server.coordinator import Coordinator
+from flexfed.server.failpoints import failpoint
 from flexfed.server.registry import ExpertRecord, ExpertState, utc_now
 from flexfed.server.store import UnknownArtifactError
 
@@ -251,6 +252,7 @@ class SubmissionPipeline:
         event = acceptance_event(verified, digest, utc_now())
         with c.lock:
             index = c.log.append(event)  # durable first: recovery rebuilds the row from it
+            failpoint("submit-after-log")  # crash tests: logged, no registry row yet
             record = c.registry.add_expert(record_of(event, index))
         logger.info("accepted %s/%s as %s (log entry %d)", record.org, record.name, digest, index)
         return Submission(True, record)

@@ -54,6 +54,7 @@ from flexfed.common.errors import (
     InvalidInputError,
     TransferError,
 )
+from flexfed.server.failpoints import failpoint
 
 log = logging.getLogger(__name__)
 
@@ -297,6 +298,7 @@ class ArtifactStore:
                 # read from), without the mtime flush of fsync; per chunk it is the cost of
                 # "counted means durable" (about 4 ms per MiB on the benchmark's disk).
                 os.fdatasync(fd)
+                failpoint("upload-after-chunk")  # crash tests: durable, not acknowledged
             finally:
                 os.close(fd)
         return offset + len(data)
