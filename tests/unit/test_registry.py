@@ -11,6 +11,7 @@ the log at startup, and ``check`` reports exactly such disagreements.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -351,4 +352,21 @@ def test_release_stores_a_signed_model_and_recovery_finishes_an_interrupted_one(
     second = coordinator.registry.releases()[1]
     assert second.version == 2 and second.expert_ids == (ids[0],)
     assert second.model_artifact_digest in coordinator.store
+    assert check(coordinator) == []
+
+    # The same crash, but the staged model did not survive (the log entry did): recovery
+    # records the release as lost, check agrees (a warning, not a disagreement), and a new
+    # release supersedes it.
+    monkeypatch.setattr(lifecycle, "finish_release", crash)
+    with pytest.raises(KeyboardInterrupt):
+        release(coordinator, [ids[1]])
+    monkeypatch.undo()
+    for staged in coordinator.config.staging_dir.iterdir():
+        shutil.rmtree(staged)
+    repairs = recover(coordinator)
+    assert len(repairs) == 1 and "lost" in repairs[0]
+    lost = coordinator.registry.releases()[2]
+    assert lost.version == 3 and lost.model_artifact_digest == ""
+    assert check(coordinator) == []
+    assert release(coordinator).version == 4
     assert check(coordinator) == []
