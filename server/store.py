@@ -62,6 +62,7 @@ _UPLOAD_ID_RE = re.compile(r"^[0-9a-f]{32}$")
 _HEX_RE = re.compile(r"^[0-9a-f]{64}$")
 _TMP = ".tmp-"
 _COPY_CHUNK = 1 << 20
+ABANDONED_UPLOAD_TTL = dt.timedelta(days=7)  # no chunk for this long: the upload is dropped
 FINISHED_UPLOAD_TTL = dt.timedelta(days=1)
 
 
@@ -368,21 +369,36 @@ class ArtifactStore:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def recover(self, *, keep_finished: dt.timedelta = FINISHED_UPLOAD_TTL) -> list[Path]:
+    def recover(
+        self,
+        *,
+        keep_finished: dt.timedelta = FINISHED_UPLOAD_TTL,
+        abandon_after: dt.timedelta = ABANDONED_UPLOAD_TTL,
+    ) -> list[Path]:
         """Delete what a crash can leave behind; call once at startup, before serving.
 
         Removes temporary files, metadata of blobs that never arrived, ``.part`` files
         without an upload record and those of uploads whose artifact is stored, and the
         records of finished uploads older than ``keep_finished`` (kept until then so that a
-        client's repeated FinishUpload still answers). Unfinished uploads stay: their
-        ``.part`` length is their durable offset. Returns what was removed.
+        client's repeated FinishUpload still answers). Unfinished uploads stay, their
+        ``.part`` length being their durable offset, unless no chunk arrived for
+        ``abandon_after``: then the upload is abandoned and its disk space freed (a client
+        coming back later starts over). Returns what was removed.
         """
         removed: list[Path] = []
-        cutoff = dt.datetime.now(dt.UTC) - keep_finished
+        now = dt.datetime.now(dt.UTC)
+        cutoff = now - keep_finished
+        stale = (now - abandon_after).timestamp()
         with self._lock:
             for upload_id, record in list(self._records.items()):
                 stored = (self.blobs / parse_digest(record.digest)).exists()
                 if stored and dt.datetime.fromisoformat(record.created) < cutoff:
+                    removed.append(self._meta_path(upload_id))
+                    del self._records[upload_id]
+                    continue
+                part = self.uploads / f"{upload_id}.part"
+                touched = part.stat().st_mtime if part.exists() else 0.0
+                if not stored and touched < stale:
                     removed.append(self._meta_path(upload_id))
                     del self._records[upload_id]
             for folder in (self.blobs, self.uploads):

@@ -228,6 +228,25 @@ def test_recovery_prunes_old_finished_upload_records(store: ArtifactStore, paylo
     assert digest_of(payload) in store
 
 
+def test_recovery_abandons_uploads_idle_for_too_long(store: ArtifactStore, payload: bytes) -> None:
+    idle = store.start_upload(BUNDLE, len(payload), digest_of(payload), "acme")
+    send(store, idle.upload_id, "acme", payload[:3000])
+    other = payload[::-1]
+    recent = store.start_upload(BUNDLE, len(other), digest_of(other), "acme")
+    send(store, recent.upload_id, "acme", other[:1000])
+    week_ago = (dt.datetime.now(dt.UTC) - dt.timedelta(days=8)).timestamp()
+    os.utime(store.uploads / f"{idle.upload_id}.part", (week_ago, week_ago))
+    removed = store.recover()
+    assert sorted(removed) == sorted(
+        store.uploads / f"{idle.upload_id}.{e}" for e in ("json", "part")
+    )
+    with pytest.raises(InvalidInputError):
+        store.upload_state(idle.upload_id, "acme")
+    assert store.upload_state(recent.upload_id, "acme").offset == 1000  # still resumable
+    again = store.start_upload(BUNDLE, len(payload), digest_of(payload), "acme")
+    assert again.offset == 0  # the owner starts over
+
+
 def test_two_owners_upload_the_same_digest_concurrently(
     store: ArtifactStore, payload: bytes
 ) -> None:
