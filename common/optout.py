@@ -121,6 +121,19 @@ def optout(
     record = assembly_record(
         model.family, str(model.assembly["anchor_digest"]), slots, k, requested, removed
     )
+    if "router_tuning" in model.assembly:
+        # NOTE: the kept router rows are tuned ones; say so, and which slots the tuning (and
+        # its untuned_routers file, copied as is, one row per slot at tuning) had.
+        record["router_tuning"] = {
+            **model.assembly["router_tuning"],
+            "slots_at_tuning": model.assembly.get("router_tuning", {}).get(
+                "slots_at_tuning",
+                [
+                    f"{s.get('org')}--{s.get('name')}" if s.get("org") else "public"
+                    for s in model.slots
+                ],
+            ),
+        }
     companions = companion_files(model.path, exclude={ASSEMBLY_FILE, "model.sig"})
     build_moe(
         Path(out),

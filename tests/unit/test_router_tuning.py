@@ -102,6 +102,8 @@ def test_optout_still_works_on_a_tuned_model(assembled: Path, tmp_path: Path) ->
     tuned, out = _tensors(tmp_path / "rt"), _tensors(tmp_path / "without-a")
     m = AssembledModel(tmp_path / "without-a")
     assert m.num_experts == 2 and [s.get("org") for s in m.slots] == [None, "org-b"]
+    tuning = m.assembly["router_tuning"]  # the record survives: the rows are still tuned ones
+    assert tuning["slots_at_tuning"][0] == "public" and len(tuning["slots_at_tuning"]) == 3
     for name, t in out.items():  # the kept rows are the tuned rows of slots 0 and 2
         if name.endswith("gate.weight") and t.dim() == 2 and t.shape[0] == 2:
             torch.testing.assert_close(t, tuned[name][[0, 2]], rtol=0, atol=0)
