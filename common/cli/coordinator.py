@@ -4,10 +4,13 @@
                              --anchor ANCHOR_DIR [--listen 127.0.0.1:50051] [--database URL]
     flexfed coordinator serve DIR [--listen HOST:PORT]
     flexfed coordinator check DIR
+    flexfed coordinator fleet-proxy --listen HOST:PORT --superlink HOST:PORT --cert CERT
+                                    --key KEY --ca CA [--server-name NAME]
 
 ``init`` makes the coordinator directory (registry, transparency log and its key, artifact
 store, the published anchor); ``serve`` runs the server until SIGTERM or Ctrl-C; ``check``
-verifies that registry, store and log agree, one line per problem (exit 1 on any).
+verifies that registry, store and log agree, one line per problem (exit 1 on any);
+``fleet-proxy`` exposes only the Flower SuperLink's Fleet API to data owners (docs/flower.md).
 """
 
 from __future__ import annotations
@@ -134,6 +137,50 @@ def check(directory: Path, skip_anchor: bool) -> None:
         click.echo(f"{len(problems)} problem(s) in {config.root}", err=True)
         raise click.exceptions.Exit(1)
     click.echo(f"{config.root}: registry, store and log agree ({experts} experts, {size} entries)")
+
+
+@group.command("fleet-proxy")
+@click.option("--listen", required=True, help="HOST:PORT data owners' SuperNodes dial.")
+@click.option("--superlink", required=True, help="The SuperLink's private HOST:PORT.")
+@click.option("--cert", required=True, type=_PATH, help="TLS certificate shown to SuperNodes.")
+@click.option("--key", required=True, type=_PATH, help="Its private key.")
+@click.option("--ca", required=True, type=_PATH, help="CA that verifies the SuperLink's cert.")
+@click.option("--server-name", help="Name checked in the SuperLink's cert (default: its host).")
+@click.option(
+    "--max-body-size", default="1GiB", show_default=True, help="Largest request body forwarded."
+)
+def fleet_proxy(
+    listen: str,
+    superlink: str,
+    cert: Path,
+    key: Path,
+    ca: Path,
+    server_name: str | None,
+    max_body_size: str,
+) -> None:
+    """Expose only the SuperLink's Fleet API (and /health); answer everything else 403."""
+    from flexfed.server.fleet_proxy import serve as run
+
+    # NOTE: refused requests are warnings; forwarded ones are logged with --verbose.
+    if logging.getLogger("flexfed.server").getEffectiveLevel() > logging.INFO:
+        logging.getLogger("flexfed.server").setLevel(logging.INFO)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+
+    def started(line: str) -> None:
+        click.echo(line)
+        sys.stdout.flush()
+
+    run(
+        listen,
+        superlink,
+        cert,
+        key,
+        ca,
+        server_name,
+        max_body_bytes=parse_size(max_body_size),
+        on_start=started,
+    )
 
 
 # --- administering a running coordinator (as the operator, over mutual TLS) ---------------
