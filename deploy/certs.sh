@@ -9,7 +9,7 @@
 #   ca/                    the consortium CA (ca.key stays here: never mounted into a container)
 #   public/ca.pem, crl.pem the trust anchor and the CRL, mounted everywhere
 #   operator/              key.pem, cert.pem: coordinator + SuperLink TLS and release signing
-#                          (SANs coordinator, superlink, localhost, 127.0.0.1, EXTRA_SAN)
+#                          (SANs coordinator, superlink, fleet-proxy, localhost, 127.0.0.1, EXTRA_SAN)
 #   acme/, globex/         each owner's key.pem, cert.pem and Flower node key (node-key, .pub)
 # and deploy/.env with FLEXFED_UID (the uid the containers run as: yours, so they can read
 # the 0600 keys; 10001 when run as root, after chown). Needs `flexfed` (FLEXFED=path or PATH;
@@ -59,7 +59,7 @@ issue() {
   fi
 }
 
-sans=(--san-dns coordinator --san-dns superlink --san-dns localhost --san-ip 127.0.0.1)
+sans=(--san-dns coordinator --san-dns superlink --san-dns fleet-proxy --san-dns localhost --san-ip 127.0.0.1)
 for name in "$@"; do
   if [[ $name =~ ^[0-9.]+$ || $name == *:* ]]; then
     sans+=(--san-ip "$name")

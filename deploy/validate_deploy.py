@@ -61,7 +61,13 @@ def _volumes(service: Obj) -> list[tuple[str, str, bool]]:
 def check_compose(path: Path, secrets: Path | None) -> None:
     doc = yaml.safe_load(path.read_text())
     services: Obj = doc.get("services", {})
-    expected = {"coordinator", "coordinator-init", "superlink", *(f"owner-{o}" for o in OWNERS)}
+    expected = {
+        "coordinator",
+        "coordinator-init",
+        "superlink",
+        "fleet-proxy",
+        *(f"owner-{o}" for o in OWNERS),
+    }
     if set(services) != expected:
         problem(f"compose: services are {sorted(services)}, expected {sorted(expected)}")
         return
@@ -119,8 +125,15 @@ def check_compose(path: Path, secrets: Path | None) -> None:
             problem(f"compose: {name} must mount ./secrets/{org} (its own keys only)")
         if svc.get("environment", {}).get("FLEXFED_COORDINATOR") != "coordinator:50051":
             problem(f"compose: {name} should pin FLEXFED_COORDINATOR=coordinator:50051")
-        if svc["command"][1] != "superlink:8000":
-            problem(f"compose: {name} must dial superlink:8000")
+        if svc["command"][1] != "fleet-proxy:9443":
+            problem(f"compose: {name} must dial fleet-proxy:9443 (the Fleet API only)")
+        if set(svc.get("networks", [])) & set(services["superlink"].get("networks", [])):
+            problem(f"compose: {name} shares a network with the SuperLink (its Control API)")
+    proxy = services["fleet-proxy"].get("command", [])
+    if proxy[:3] != ["flexfed", "coordinator", "fleet-proxy"] or (
+        "--superlink=superlink:8000" not in proxy
+    ):
+        problem("compose: fleet-proxy must run `flexfed coordinator fleet-proxy` to superlink:8000")
     if secrets is not None:
         for name in services:
             for source, target, _ in mounts[name]:

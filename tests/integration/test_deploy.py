@@ -88,7 +88,13 @@ def test_certs_sh_makes_what_compose_mounts_and_ca_show_accepts_it(tmp_path: Pat
     cert = x509.load_pem_x509_certificate((secrets / "operator" / "cert.pem").read_bytes())
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     names = san.get_values_for_type(x509.DNSName)
-    assert {"coordinator", "superlink", "localhost", "coordinator.example.org"} <= set(names)
+    assert {
+        "coordinator",
+        "superlink",
+        "fleet-proxy",
+        "localhost",
+        "coordinator.example.org",
+    } <= set(names)
     # What containers mount holds no CA key; the public copies are the CA's.
     assert sorted(p.name for p in (secrets / "public").iterdir()) == ["ca.pem", "crl.pem"]
     assert (secrets / "public" / "ca.pem").read_bytes() == (secrets / "ca" / "ca.pem").read_bytes()
