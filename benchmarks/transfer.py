@@ -128,7 +128,7 @@ class Round:
 
 
 def make_pki(root: Path) -> Path:
-    from flexfed.common.pki import generate_key_and_csr, init_ca, issue_certificate
+    from flexfed.common.ca import generate_key_and_csr, init_ca, issue_certificate
 
     init_ca(root / "ca", "Benchmark CA")
     for name, org, role, sans in [

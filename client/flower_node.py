@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flexfed.common.ca import KeyExistsError
 from flexfed.common.errors import ConfigError
-from flexfed.common.pki import KeyExistsError
 
 NODE_CONFIG_KEYS = ("data-path", "cert", "key", "ca", "work-dir", "coordinator", "device")
 

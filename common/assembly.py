@@ -341,7 +341,7 @@ def assembly_record(
         "requested_top_k": requested_top_k,
         "slots": [{"slot": i, **s.record} for i, s in enumerate(slots)],
         "removed": list(removed),
-        # Filled by flexfed.common.audit.record_release before the release is signed.
+        # Filled by flexfed.common.release.record_release before the release is signed.
         "release_log_index": None,
         "log_checkpoint": None,
     }

@@ -42,7 +42,7 @@ from flexfed.server.config import (
     TlsFiles,
     load_config,
 )
-from flexfed.server.registry import AnchorRecord, Registry
+from flexfed.server.registry import AnchorRecord, Registry, display_url
 from flexfed.server.store import ArtifactStore
 
 logger = logging.getLogger(__name__)
@@ -178,8 +178,8 @@ def _populate(
         existing = registry.anchor()
         if existing is not None and existing.digest != source.digest:
             raise ConfigError(
-                f"the database {database} already belongs to a coordinator with anchor "
-                f"{existing.digest[:16]}...; give a new database"
+                f"the database {display_url(database)} already belongs to a coordinator with "
+                f"anchor {existing.digest[:16]}...; give a new database"
             )
         registry.set_anchor(AnchorRecord(source.digest, info.digest, config.anchor.family))
     finally:

@@ -3,13 +3,13 @@
 Every change is logged first and then written to the registry, under the coordinator's lock
 (as submissions are), so :func:`flexfed.server.consistency.recover` can finish any change a
 crash interrupted from the log alone. The events have the shapes of
-:mod:`flexfed.common.audit` (what :func:`~flexfed.common.audit.audit_model` reads) plus the
+:mod:`flexfed.common.log_events` (what :func:`~flexfed.common.audit.audit_model` reads) plus the
 ``expert_id`` the registry is keyed by:
 
 - ``opt-out`` / ``opt-in``: the owner's signed statement, its signature and certificate, so
   anyone reading the log can check that the owner asked;
 - ``revocation``: by the operator, with a reason; final;
-- ``assembly-released``: written by :func:`~flexfed.common.audit.record_release`.
+- ``assembly-released``: written by :func:`~flexfed.common.release.record_release`.
 
 A release assembles every accepted expert (or the ones named) in acceptance order, in a
 staging directory, records it in the log, signs it as the coordinator, and only then puts the
@@ -30,10 +30,11 @@ from typing import Any
 
 from flexfed.common.artifact_tar import ArtifactKind, extract_archive
 from flexfed.common.assembly import ASSEMBLY_FILE, DEFAULT_TOP_K, assemble
-from flexfed.common.audit import RELEASE_SIGNATURE, opt_out_event, record_release, sign_release
 from flexfed.common.checkpoint import read_json
 from flexfed.common.errors import AssemblyError, InvalidInputError
+from flexfed.common.log_events import opt_out_event
 from flexfed.common.owner_request import SignedOwnerRequest, verify_owner_request
+from flexfed.common.release import RELEASE_SIGNATURE, record_release, sign_release
 from flexfed.common.translog import parse_entry
 from flexfed.server.coordinator import Coordinator
 from flexfed.server.failpoints import failpoint

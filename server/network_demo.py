@@ -45,9 +45,9 @@ from pathlib import Path
 from typing import Any
 
 from flexfed.client.flower_node import generate_node_key
+from flexfed.common.ca import generate_key_and_csr, init_ca, issue_certificate
 from flexfed.common.campaign import OK, CampaignConfig
 from flexfed.common.errors import FlexfedError
-from flexfed.common.pki import generate_key_and_csr, init_ca, issue_certificate
 from flexfed.common.progress import console
 from flexfed.server.demo import (
     DEMO_DOMAINS,
@@ -476,7 +476,7 @@ def _federate(
         san_dns=("localhost",),
         san_ip=("127.0.0.1",),
     )
-    with _quiet("flexfed.common.pki"):  # NOTE: warns that this one is no server certificate
+    with _quiet("flexfed.common.ca"):  # NOTE: warns that this one is no server certificate
         admin = issue(ca_dir, "consortium", "operator", operator / "admin")
     owners: list[Owner] = []
     for domain, org in demo_orgs().items():

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Final
 
 from flexfed.common.artifact_tar import ArtifactKind, extract_archive, parse_digest
-from flexfed.common.audit import accepted_event
 from flexfed.common.bundle import MAX_META_BYTES
 from flexfed.common.errors import (
     AnchorMismatchError,
@@ -43,6 +42,7 @@ from flexfed.common.errors import (
     TensorMismatchError,
     VerificationError,
 )
+from flexfed.common.log_events import accepted_event
 from flexfed.common.pki import CertificateError, CertificateRevokedError, CrlError
 from flexfed.common.provenance import ProvenanceError
 from flexfed.common.signing import (

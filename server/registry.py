@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Engine, Integer, String, Text, create_engine, event, select
-from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError
+from sqlalchemy import Engine, Integer, String, Text, create_engine, event, make_url, select
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from flexfed.common.errors import ConfigError, InvalidInputError
@@ -41,6 +41,12 @@ class _Base(DeclarativeBase):
     pass
 
 
+# NOTE: the columns below that hold what a signer or the clock wrote (signer, times) are
+# unbounded: they are written *after* the log append, and PostgreSQL (unlike SQLite) refuses a
+# VARCHAR(n) value longer than n, e.g. an owner's valid RFC 3339 time with nanoseconds, which
+# would leave a log entry that recovery could never apply. SQLite stores both the same way.
+
+
 class _Expert(_Base):
     __tablename__ = "experts"
 
@@ -53,11 +59,11 @@ class _Expert(_Base):
     data_commitment: Mapped[str] = mapped_column(String(64))
     expert_sha256: Mapped[str] = mapped_column(String(64))
     meta_sha256: Mapped[str] = mapped_column(String(64))
-    signer: Mapped[str] = mapped_column(String(256))
-    submitted_at: Mapped[str] = mapped_column(String(40))
+    signer: Mapped[str] = mapped_column(Text)
+    submitted_at: Mapped[str] = mapped_column(Text)
     # The entry that set the current state, and the owner statement's time (replay guard).
     state_log_index: Mapped[int] = mapped_column(Integer)
-    state_time: Mapped[str] = mapped_column(String(40))
+    state_time: Mapped[str] = mapped_column(Text)
 
 
 class _Release(_Base):
@@ -68,7 +74,7 @@ class _Release(_Base):
     expert_ids: Mapped[str] = mapped_column(Text)  # JSON list, slot order
     top_k: Mapped[int] = mapped_column(Integer)
     log_index: Mapped[int] = mapped_column(Integer, unique=True)  # assembly-released entry
-    released_at: Mapped[str] = mapped_column(String(40))
+    released_at: Mapped[str] = mapped_column(Text)
 
 
 class _Anchor(_Base):
@@ -160,6 +166,14 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def display_url(url: str) -> str:
+    """``url`` without its password (``***``), for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url if "@" not in url else "<unparsable database URL>"
+
+
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite gets WAL mode and may be used from any thread."""
     try:
@@ -169,7 +183,9 @@ def make_engine(url: str) -> Engine:
         else:
             engine = create_engine(url, pool_pre_ping=True)
     except (ArgumentError, NoSuchModuleError, ImportError) as err:
-        raise ConfigError(f"registry database URL {url!r} is not usable: {err}") from err
+        raise ConfigError(
+            f"registry database URL {display_url(url)!r} is not usable: {err}"
+        ) from err
     return engine
 
 
@@ -181,8 +197,12 @@ class Registry:
         self.engine = make_engine(url)
         try:
             _Base.metadata.create_all(self.engine)
-        except OperationalError as err:
-            raise ConfigError(f"cannot open the registry database {url}: {err.orig}") from err
+        except DBAPIError as err:
+            # NOTE: OperationalError (unreachable, no such database, bad password) and, on
+            # servers, ProgrammingError (no CREATE permission) alike.
+            raise ConfigError(
+                f"cannot open the registry database {display_url(url)}: {err.orig}"
+            ) from err
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def close(self) -> None:
@@ -206,12 +226,20 @@ class Registry:
     # --- experts
     def add_expert(self, record: ExpertRecord) -> ExpertRecord:
         """Insert an accepted expert; an existing row with this id is returned unchanged."""
-        with self._tx() as s:
-            row = s.get(_Expert, record.expert_id)
-            if row is not None:
-                return _expert(row)
-            values = {**record.__dict__, "state": record.state.value}
-            s.add(_Expert(**values))
+        try:
+            with self._tx() as s:
+                row = s.get(_Expert, record.expert_id)
+                if row is not None:
+                    return _expert(row)
+                values = {**record.__dict__, "state": record.state.value}
+                s.add(_Expert(**values))
+        except IntegrityError:
+            # NOTE: another session inserted this id between our read and our insert (under
+            # PostgreSQL's READ COMMITTED, or SQLite's deferred transactions): theirs stands.
+            existing = self.expert(record.expert_id)
+            if existing is None:
+                raise
+            return existing
         return record
 
     def expert(self, expert_id: str) -> ExpertRecord | None:

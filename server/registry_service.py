@@ -19,7 +19,6 @@ from typing import TypeVar
 
 import grpc
 
-from flexfed.common.audit import ReleaseStateError
 from flexfed.common.errors import FlexfedError
 from flexfed.common.owner_request import (
     MalformedOwnerRequestError,
@@ -27,6 +26,7 @@ from flexfed.common.owner_request import (
     SignedOwnerRequest,
 )
 from flexfed.common.pki import CertificateError, CrlError
+from flexfed.common.release import ReleaseStateError
 from flexfed.proto.v1 import audit_pb2, registry_pb2, registry_pb2_grpc
 from flexfed.server.auth import Authorizer, Caller, abort, status_of
 from flexfed.server.coordinator import Coordinator

@@ -18,7 +18,7 @@ from consortium import Consortium, Member, Pki
 
 from flexfed.common.anchor import Anchor
 from flexfed.common.bundle import ExpertMeta, write_bundle
-from flexfed.common.pki import generate_key_and_csr, issue_certificate
+from flexfed.common.ca import generate_key_and_csr, issue_certificate
 from flexfed.common.tiny import build_anchor
 from flexfed.common.tls import CHANNEL_OPTIONS, server_credentials
 from flexfed.common.training_model import build_training_model, extract_expert

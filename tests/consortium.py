@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import grpc
 
-from flexfed.common.pki import generate_key_and_csr, init_ca, issue_certificate
+from flexfed.common.ca import generate_key_and_csr, init_ca, issue_certificate
 from flexfed.common.tls import secure_channel
 
 if TYPE_CHECKING:

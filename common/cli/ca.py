@@ -11,22 +11,24 @@ from pathlib import Path
 
 import click
 
-from flexfed.common.pki import (
+from flexfed.common.ca import (
     CA_CERT,
     CA_CRL,
     REVOCATION_REASONS,
+    init_ca,
+    issue_certificate,
+    issued_certificates,
+    revoke,
+    write_crl,
+)
+from flexfed.common.pki import (
     ROLES,
     fingerprint,
     format_serial,
     identity_of,
-    init_ca,
-    issue_certificate,
-    issued_certificates,
     load_certificate,
     load_crl,
-    revoke,
     verify_chain,
-    write_crl,
 )
 
 CA_DIR_OPTION = click.option(

@@ -32,7 +32,7 @@ def group() -> None:
 )
 def record(model_dir: Path, log_path: Path, log_key: Path, origin: str) -> None:
     """Log MODEL_DIR's experts and release; write log indices and checkpoint to assembly.json."""
-    from flexfed.common.audit import record_release
+    from flexfed.common.release import record_release
     from flexfed.common.translog import FileLog
 
     with FileLog(log_path) as log:
@@ -53,7 +53,7 @@ def record(model_dir: Path, log_path: Path, log_key: Path, origin: str) -> None:
 )
 def sign(model_dir: Path, key: Path, cert: Path, chain: tuple[Path, ...]) -> None:
     """Sign MODEL_DIR as the coordinator: model.sig over every file in it."""
-    from flexfed.common.audit import sign_release
+    from flexfed.common.release import sign_release
 
     signed = sign_release(model_dir, key, cert, chain)
     click.echo(f"signed {signed.path}: {signed.files} files, as {signed.identity}")

@@ -29,6 +29,7 @@ from flexfed.client.transfer import download_artifact, upload_artifact
 from flexfed.common.anchor import Anchor
 from flexfed.common.artifact_tar import ArtifactKind
 from flexfed.common.audit import audit_model
+from flexfed.common.ca import revoke
 from flexfed.common.errors import (
     AnchorMismatchError,
     BundleError,
@@ -40,7 +41,6 @@ from flexfed.common.errors import (
     TensorMismatchError,
 )
 from flexfed.common.owner_request import sign_owner_request
-from flexfed.common.pki import revoke
 from flexfed.common.signing import BundleVerifier
 from flexfed.common.tiny import build_anchor
 from flexfed.common.translog import (

@@ -44,34 +44,25 @@ from flexfed.common.assembly import (
     assemble,
     rebuild_expert_weights,
 )
-from flexfed.common.audit import (
-    AuditReport,
-    Reason,
-    ReleaseSignerError,
-    ReleaseStateError,
-    accepted_event,
-    audit_model,
-    content_digest,
-    model_files,
-    opt_out_event,
-    record_release,
-    release_slots,
-    sign_release,
-)
+from flexfed.common.audit import AuditReport, Reason, audit_model
 from flexfed.common.bundle import EXPERT_META, EXPERT_WEIGHTS, PROVENANCE, SIGNATURE
+from flexfed.common.ca import generate_key_and_csr, init_ca, issue_certificate, revoke
 from flexfed.common.checkpoint import write_json
 from flexfed.common.cli import main
 from flexfed.common.cli.release import group as release_cli
 from flexfed.common.digest import sha256_file
+from flexfed.common.log_events import accepted_event, opt_out_event, release_slots
 from flexfed.common.optout import AssembledModel, optout
-from flexfed.common.pki import (
-    generate_key_and_csr,
-    init_ca,
-    issue_certificate,
-    load_certificate,
-    revoke,
-)
+from flexfed.common.pki import load_certificate
 from flexfed.common.provenance import ProvenanceSigner
+from flexfed.common.release import (
+    ReleaseSignerError,
+    ReleaseStateError,
+    content_digest,
+    model_files,
+    record_release,
+    sign_release,
+)
 from flexfed.common.safetensors_io import load_tensors, save_tensors
 from flexfed.common.signing import load_private_key
 from flexfed.common.tiny import build_anchor

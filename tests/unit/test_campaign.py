@@ -25,6 +25,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from flexfed.client import flower_app as client_app
 from flexfed.client.flower_node import NodeSettings, generate_node_key
+from flexfed.common.ca import KeyExistsError
 from flexfed.common.campaign import (
     FAILED,
     OK,
@@ -39,7 +40,6 @@ from flexfed.common.campaign import (
     read_plan,
 )
 from flexfed.common.errors import ConfigError, InvalidInputError
-from flexfed.common.pki import KeyExistsError
 from flexfed.server.flower_app import run_campaign
 
 APP = Path(__file__).resolve().parents[2] / "deploy" / "flower-app" / "pyproject.toml"

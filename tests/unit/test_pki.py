@@ -28,40 +28,42 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from flexfed.client.keys import keygen
-from flexfed.common.cli.ca import group as ca_cli
-from flexfed.common.errors import ConfigError, VerificationError
-from flexfed.common.pki import (
+from flexfed.common.ca import (
     CA_CERT,
     CA_CRL,
     CA_KEY,
+    CaExistsError,
+    CertificateRequestError,
+    CsrSignatureError,
+    KeyExistsError,
+    UnknownCertificateError,
+    generate_key_and_csr,
+    init_ca,
+    issue_certificate,
+    issued_certificates,
+    revoke,
+    write_crl,
+)
+from flexfed.common.cli.ca import group as ca_cli
+from flexfed.common.errors import ConfigError, VerificationError
+from flexfed.common.pki import (
     ROLE_EKUS,
     ROLES,
-    CaExistsError,
     CertificateExpiredError,
     CertificateIdentityError,
     CertificateNotYetValidError,
-    CertificateRequestError,
     CertificateRevokedError,
     CertificateRoleError,
     CertificateSignatureError,
     CertificateUsageError,
     CrlSignatureError,
     CrlStaleError,
-    CsrSignatureError,
-    KeyExistsError,
-    UnknownCertificateError,
     UntrustedCertificateError,
     format_serial,
-    generate_key_and_csr,
     identity_of,
-    init_ca,
-    issue_certificate,
-    issued_certificates,
     load_certificate,
     load_crl,
-    revoke,
     verify_chain,
-    write_crl,
 )
 
 OPENSSL = shutil.which("openssl")

@@ -24,8 +24,8 @@ from flexfed.client.sign import sign_bundle
 from flexfed.common.anchor import Anchor
 from flexfed.common.artifact_tar import ArtifactKind, extract_archive
 from flexfed.common.bundle import EXPERT_WEIGHTS
+from flexfed.common.ca import generate_key_and_csr, issue_certificate
 from flexfed.common.errors import ConfigError
-from flexfed.common.pki import generate_key_and_csr, issue_certificate
 from flexfed.common.safetensors_io import load_tensors, save_tensors
 from flexfed.common.signing import BundleVerifier
 from flexfed.common.tiny import build_anchor

@@ -44,6 +44,7 @@ from flexfed.common.bundle import (
     SIGNATURE,
     read_expert_meta,
 )
+from flexfed.common.ca import generate_key_and_csr, init_ca, issue_certificate, revoke
 from flexfed.common.digest import manifest_digest, sha256_file
 from flexfed.common.errors import BundleError, InvalidInputError, VerificationError
 from flexfed.common.pki import (
@@ -53,11 +54,7 @@ from flexfed.common.pki import (
     CertificateRoleError,
     CrlStaleError,
     UntrustedCertificateError,
-    generate_key_and_csr,
-    init_ca,
-    issue_certificate,
     load_certificate,
-    revoke,
 )
 from flexfed.common.provenance import (
     PAYLOAD_TYPE,
