@@ -24,22 +24,20 @@ Everything runs on 127.0.0.1, each party in its own process and directory:
 The results (``results.json``, ``results.png``: the local demo's schema and columns, with
 ``"network": true``) and ``network.json`` (campaign reports, releases, log size) land in the
 work directory; every process's log is under ``network/logs``. All processes are stopped
-at the end, on failure, on Ctrl-C and on SIGTERM.
+at the end, on failure, on Ctrl-C and on SIGTERM (:mod:`flexfed.server.processes`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -47,7 +45,6 @@ from typing import Any
 from flexfed.client.flower_node import generate_node_key
 from flexfed.common.ca import generate_key_and_csr, init_ca, issue_certificate
 from flexfed.common.campaign import OK, CampaignConfig
-from flexfed.common.errors import FlexfedError
 from flexfed.common.progress import console
 from flexfed.server.demo import (
     DEMO_DOMAINS,
@@ -63,193 +60,29 @@ from flexfed.server.demo import (
     results_record,
     save_results,
 )
+from flexfed.server.processes import (
+    ServiceError,
+    Services,
+    free_port,
+    run_cli,
+    sigterm_as_exit,
+    tail,
+)
 
 BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode and flwr live here
 CONNECTION = "consortium"  # the `flwr` CLI's name for the SuperLink
 LOG_ORIGIN = "demo.flexfed.local/log"
-START_TIMEOUT = 120.0  # seconds for a service to come up (imports are slow on a busy machine)
 CAMPAIGN_TIMEOUT = 1800.0  # seconds for a whole campaign
 NODE_WAIT = 120.0  # seconds the ServerApp waits for all SuperNodes to connect
-TAIL_LINES = 25
 
 
-class NetworkDemoError(FlexfedError):
+class NetworkDemoError(ServiceError):
     """A step of the network demo failed (the message holds the relevant log's tail)."""
-
-
-def free_port() -> int:
-    """A port nobody listens on now (the SuperLink and SuperNodes need one up front)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def tail(path: Path, lines: int = TAIL_LINES) -> str:
-    if not path.is_file():
-        return f"({path} was not written)"
-    text = path.read_text(errors="replace").rstrip().splitlines()
-    return "\n".join(text[-lines:]) or f"({path} is empty)"
-
-
-@dataclass
-class Services:
-    """The long-running processes, each leading its own process group, and their logs.
-
-    ``stop_all`` terminates each group (a SuperLink's ServerApp and a SuperNode's ClientApp
-    processes with it), then kills what did not stop.
-    """
-
-    logs: Path
-    running: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-
-    def log(self, name: str) -> Path:
-        return self.logs / f"{name}.log"
-
-    def start(
-        self, name: str, args: list[str | Path], env: dict[str, str], cwd: Path | None = None
-    ) -> subprocess.Popen[bytes]:
-        self.logs.mkdir(parents=True, exist_ok=True)
-        with self.log(name).open("wb") as out:  # the child keeps its own descriptor
-            proc = subprocess.Popen(
-                [str(a) for a in args],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                cwd=cwd,
-                start_new_session=True,  # NOTE: Ctrl-C reaches only us; we stop the group
-            )
-        self.running[name] = proc
-        return proc
-
-    def wait_for(self, name: str, pattern: str, timeout: float = START_TIMEOUT) -> re.Match[str]:
-        """Wait until ``name``'s log matches ``pattern``; fail if it exits or times out."""
-        proc, log = self.running[name], self.log(name)
-        deadline = time.monotonic() + timeout
-        while True:
-            match = re.search(pattern, log.read_text(errors="replace"))
-            if match:
-                return match
-            if proc.poll() is not None:
-                raise NetworkDemoError(
-                    f"{name} exited ({proc.returncode}) before it was ready; {log}:\n{tail(log)}"
-                )
-            if time.monotonic() > deadline:
-                raise NetworkDemoError(
-                    f"{name} not ready after {timeout:.0f}s; {log}:\n{tail(log)}"
-                )
-            time.sleep(0.2)
-
-    def check_alive(self, names: list[str]) -> None:
-        for name in names:
-            proc = self.running[name]
-            if proc.poll() is not None:
-                raise NetworkDemoError(
-                    f"{name} exited ({proc.returncode}); {self.log(name)}:\n{tail(self.log(name))}"
-                )
-
-    def stop(self, name: str, grace: float = 10.0) -> None:
-        proc = self.running.pop(name)
-        if proc.poll() is None:
-            _signal_group(proc, signal.SIGTERM)
-            try:
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                _signal_group(proc, signal.SIGKILL)
-                proc.wait(timeout=30)
-        # a ClientApp or ServerApp child may outlive its leader: end the group regardless
-        _signal_group(proc, signal.SIGKILL)
-
-    def stop_all(self, grace: float = 10.0) -> None:
-        # NOTE: Flower starts some helpers in sessions of their own (the SuperLink's SuperExec,
-        # which starts the ServerApp): they are found by parentage, before their parents go.
-        detached = {
-            pid
-            for proc in self.running.values()
-            for pid in _descendants(proc.pid)
-            if _pgid(pid) not in (None, proc.pid)
-        }
-        for proc in reversed(self.running.values()):
-            if proc.poll() is None:
-                _signal_group(proc, signal.SIGTERM)
-        for pid in detached:
-            with suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGTERM)
-        for name in reversed(list(self.running)):
-            self.stop(name, grace)
-        deadline = time.monotonic() + grace
-        while detached and time.monotonic() < deadline:
-            detached = {pid for pid in detached if _alive(pid)}
-            time.sleep(0.1)
-        for pid in detached:
-            with suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-
-
-def _children() -> dict[int, list[int]]:
-    """parent pid -> child pids, from /proc (empty where there is none: not Linux)."""
-    tree: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields_ = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        tree.setdefault(int(fields_[1]), []).append(int(stat.parent.name))
-    return tree
-
-
-def _descendants(pid: int) -> list[int]:
-    tree, out, todo = _children(), [], [pid]
-    while todo:
-        for child in tree.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _pgid(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except (ProcessLookupError, PermissionError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` still runs (a zombie does not: its parent, ours, is gone)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return _pgid(pid) is not None
-    return state != "Z"
-
-
-def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
-    with suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, sig)
-
-
-@contextmanager
-def _sigterm_as_exit() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C (so the services are stopped); restored after."""
-    if not _in_main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    before = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, before)
 
 
 @contextmanager
 def _quiet(logger: str) -> Iterator[None]:
     """The block without ``logger``'s warnings."""
-    import logging
-
     log = logging.getLogger(logger)
     before = log.level
     log.setLevel(logging.ERROR)
@@ -257,12 +90,6 @@ def _quiet(logger: str) -> Iterator[None]:
         yield
     finally:
         log.setLevel(before)
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def environment(flwr_home: Path, **extra: str) -> dict[str, str]:
@@ -282,28 +109,6 @@ def environment(flwr_home: Path, **extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
-
-
-def run_cli(
-    name: str, args: list[str | Path], env: dict[str, str], logs: Path, cwd: Path | None = None
-) -> str:
-    """One short command (``flexfed ...`` or ``flwr ...``); its output, also in ``logs``."""
-    done = subprocess.run(
-        [str(a) for a in args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        timeout=600,
-    )
-    logs.mkdir(parents=True, exist_ok=True)
-    out = done.stdout + done.stderr
-    (logs / f"{name}.log").write_text(out)
-    if done.returncode != 0:
-        short = "\n".join(out.rstrip().splitlines()[-TAIL_LINES:])
-        raise NetworkDemoError(f"{name} failed (exit {done.returncode}):\n{short}")
-    return done.stdout
 
 
 def flexfed_cli(*args: str | Path) -> list[str | Path]:
@@ -410,6 +215,55 @@ def member_env(address: str, ca: Path, creds: Credentials, flwr_home: Path) -> d
     )
 
 
+# --- the run's state -----------------------------------------------------------------------
+
+
+@dataclass
+class Laps:
+    """Seconds per step, for ``network.json`` (``prepare`` counts from the demo's start)."""
+
+    t0: float
+    seconds: dict[str, float] = field(default_factory=dict)
+    last: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.seconds["prepare"] = round(self.last - self.t0, 1)
+
+    def done(self, step: str) -> None:
+        now = time.monotonic()
+        self.seconds[step] = round(now - self.last, 1)
+        self.last = now
+
+
+@dataclass(frozen=True)
+class Pki:
+    """The throwaway consortium CA and everyone's credentials."""
+
+    ca_dir: Path
+    ca: Path
+    tls: Credentials  # the coordinator's and the SuperLink's server certificate
+    admin: Credentials  # the operator's client certificate
+    owners: tuple[Owner, ...]
+
+
+@dataclass
+class Network:
+    """The running consortium as the operator sees it, and the releases made so far."""
+
+    operator: Path
+    services: Services
+    pki: Pki
+    coordinator_dir: Path
+    address: str  # the Consortium API
+    superlink: str
+    op_env: dict[str, str]  # the operator's admin connection and `flwr` CLI configuration
+    releases: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def logs(self) -> Path:
+        return self.services.logs
+
+
 # --- the flow ------------------------------------------------------------------------------
 
 
@@ -422,7 +276,7 @@ def run_network_demo(
     """
     workdir = Path(workdir).resolve()  # NOTE: every process gets absolute paths
     s = DemoSettings.preset(quick, public_model)
-    with _torch_threads(THREADS_PER_PROCESS), _sigterm_as_exit():
+    with _torch_threads(THREADS_PER_PROCESS), sigterm_as_exit():
         return _run(workdir, s, quick)
 
 
@@ -453,19 +307,49 @@ def _federate(
     services: Services,
     t0: float,
 ) -> dict[str, Any]:
+    laps = Laps(t0)
+    pki = issue_credentials(workdir, prepared)
+    net = start_services(workdir / "operator", pki, prepared, services)
+    laps.done("coordinator and SuperLink")
+    enrol_owners(net)
+    campaigns = Campaigns.open(net)
+    train = training_campaign(campaigns, s, prepared)
+    experts = {n["node_name"]: n["answer"]["expert_id"] for n in train["nodes"]}
+    laps.done("training campaign")
+    model = release_and_fetch(net)
+    laps.done("release 1")
+    evaluation = evaluation_campaign(campaigns, s, net.releases[0]["version"])
+    laps.done("evaluation campaign")
+    leaver, without = opt_out_and_rerelease(net, experts)
+    laps.done("opt-out and release 2")
+    log_size = check_coordinator(net)
+    columns = operator_evaluation(s, prepared, model, leaver, without)
+    laps.done("operator evaluation")
+    return collect_results(
+        workdir,
+        results_record(
+            s, quick, prepared, net.releases[0]["top_k"], demo_orgs(), leaver.domain, columns, t0
+        ),
+        network={
+            "coordinator": net.address,
+            "superlink": net.superlink,
+            "log_origin": LOG_ORIGIN,
+            "log_size": log_size,
+            "campaigns": {"train": train, "evaluate": evaluation},
+            "releases": net.releases,
+            "opted_out": {"org": leaver.org, "expert_id": experts[leaver.org]},
+            "logs": str(net.logs),
+            "seconds": laps.seconds,
+        },
+    )
+
+
+# --- the steps -----------------------------------------------------------------------------
+
+
+def issue_credentials(workdir: Path, prepared: Prepared) -> Pki:
+    """A throwaway consortium CA and everyone's certificates; each owner's home and data."""
     operator = workdir / "operator"
-    logs = services.logs
-    timings: dict[str, float] = {"prepare": round(time.monotonic() - t0, 1)}
-    lap = [time.monotonic()]
-
-    def done(step: str) -> None:
-        now = time.monotonic()
-        timings[step] = round(now - lap[0], 1)
-        lap[0] = now
-
-    op_home = operator / "flwr"  # the operator's `flwr` CLI configuration
-
-    # --- PKI: a throwaway consortium CA and everyone's certificates --------------------------
     ca_dir = operator / "ca"
     ca = init_ca(ca_dir, "flexfed demo consortium CA").cert
     tls = issue(
@@ -491,9 +375,34 @@ def _federate(
     console.print(
         f"operator: consortium CA {ca}; certificates for the coordinator and {len(owners)} owners"
     )
+    return Pki(ca_dir, ca, tls, admin, tuple(owners))
 
-    # --- the coordinator (Consortium API) --------------------------------------------------
+
+def start_services(operator: Path, pki: Pki, prepared: Prepared, services: Services) -> Network:
+    """The coordinator (Consortium API) and the SuperLink; the operator's `flwr` connection."""
+    op_home = operator / "flwr"  # the operator's `flwr` CLI configuration
     coordinator_dir = operator / "coordinator"
+    address = start_coordinator(coordinator_dir, pki, prepared, services, environment(op_home))
+    op_env = member_env(address, pki.ca, pki.admin, op_home)
+    superlink = start_superlink(operator, pki, services)
+    # the `flwr` CLI's connection, as deploy/flower/connection.sh writes it
+    op_home.mkdir(parents=True, exist_ok=True)
+    (op_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "{superlink}"\nroot-certificates = "{pki.ca}"\n'
+    )
+    console.print(f"operator: Flower SuperLink on {superlink} (TLS, SuperNode authentication)")
+    return Network(operator, services, pki, coordinator_dir, address, superlink, op_env)
+
+
+def start_coordinator(
+    coordinator_dir: Path,
+    pki: Pki,
+    prepared: Prepared,
+    services: Services,
+    env: dict[str, str],
+) -> str:
+    """``flexfed coordinator init`` + ``serve``; the address it serves on."""
     run_cli(
         "coordinator-init",
         flexfed_cli(
@@ -501,13 +410,13 @@ def _federate(
             "init",
             coordinator_dir,
             "--ca-cert",
-            ca,
+            pki.ca,
             "--crl",
-            ca_dir / "crl.pem",
+            pki.ca_dir / "crl.pem",
             "--tls-cert",
-            tls.cert,
+            pki.tls.cert,
             "--tls-key",
-            tls.key,
+            pki.tls.key,
             "--anchor",
             prepared.anchor.path,
             "--listen",
@@ -515,19 +424,18 @@ def _federate(
             "--origin",
             LOG_ORIGIN,
         ),
-        environment(op_home),
-        logs,
+        env,
+        services.logs,
     )
-    services.start(
-        "coordinator", flexfed_cli("coordinator", "serve", coordinator_dir), environment(op_home)
-    )
+    services.start("coordinator", flexfed_cli("coordinator", "serve", coordinator_dir), env)
     address = services.wait_for("coordinator", r"serving on (127\.0\.0\.1:\d+)").group(1)
     console.print(f"operator: coordinator serving the Consortium API on {address}")
-    op_env = member_env(address, ca, admin, op_home)
+    return address
 
-    # --- the SuperLink (Flower control plane), as deploy/flower/superlink.sh -----------------
+
+def start_superlink(operator: Path, pki: Pki, services: Services) -> str:
+    """The Flower control plane, as deploy/flower/superlink.sh starts it; its address."""
     port = free_port()
-    superlink = f"127.0.0.1:{port}"
     state = operator / "superlink"
     state.mkdir()
     services.start(
@@ -535,11 +443,11 @@ def _federate(
         [
             "flower-superlink",
             "--ssl-certfile",
-            tls.cert,
+            pki.tls.cert,
             "--ssl-keyfile",
-            tls.key,
+            pki.tls.key,
             "--ssl-ca-certfile",
-            ca,
+            pki.ca,
             "--enable-supernode-auth",
             "--disable-runtime-dependency-installation",
             "--isolation",
@@ -555,23 +463,18 @@ def _federate(
         cwd=state,
     )
     services.wait_for("superlink", r"Uvicorn running on https://")
-    # the `flwr` CLI's connection, as deploy/flower/connection.sh writes it
-    op_home.mkdir(parents=True, exist_ok=True)
-    (op_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "{superlink}"\nroot-certificates = "{ca}"\n'
-    )
-    console.print(f"operator: Flower SuperLink on {superlink} (TLS, SuperNode authentication)")
-    done("coordinator and SuperLink")
+    return f"127.0.0.1:{port}"
 
-    # --- the owners: node keys (registered by the operator) and SuperNodes -------------------
-    for owner in owners:
+
+def enrol_owners(net: Network) -> None:
+    """Each owner makes a node key, the operator registers it, the owner starts a SuperNode."""
+    for owner in net.pki.owners:
         key, public = generate_node_key(owner.home / "node-key")
         run_cli(
             f"register-{owner.org}",
             ["flwr", "supernode", "register", public, CONNECTION, "--name", owner.org],
-            op_env,
-            logs,
+            net.op_env,
+            net.logs,
         )
         node_config = " ".join(
             f"{k}={json.dumps(str(v))}"
@@ -581,16 +484,16 @@ def _federate(
                 "key": owner.creds.key,
                 "ca": owner.ca,
                 "work-dir": owner.home / "work",
-                "coordinator": address,  # credentials go only to this address
+                "coordinator": net.address,  # credentials go only to this address
                 "device": "cpu",
             }.items()
         )
-        services.start(
+        net.services.start(
             f"supernode-{owner.org}",
             [
                 "flower-supernode",
                 "--superlink",
-                superlink,
+                net.superlink,
                 "--root-certificates",
                 owner.ca,
                 "--auth-supernode-private-key",
@@ -611,25 +514,39 @@ def _federate(
             f"owner {owner.org}: SuperNode started in {owner.home} with its {owner.domain} data"
         )
 
-    app = write_flower_app(operator / "flower-app")
-    campaigns = operator / "campaigns"
-    campaigns.mkdir()
-    common = {
-        "consortium-address": address,
-        "min-nodes": len(owners),
-        "node-wait": NODE_WAIT,
-        "reply-timeout": CAMPAIGN_TIMEOUT,
-        "val-fraction": VAL_FRACTION,
-    }
 
-    def campaign(name: str, settings: dict[str, Any]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Campaigns:
+    """Campaigns: ``flwr run`` of the flexfed Flower App; the ServerApps' reports."""
+
+    net: Network
+    app: Path
+    reports: Path
+    common: dict[str, Any]  # the run config every campaign shares
+
+    @classmethod
+    def open(cls, net: Network) -> Campaigns:
+        app = write_flower_app(net.operator / "flower-app")
+        reports = net.operator / "campaigns"
+        reports.mkdir()
+        common = {
+            "consortium-address": net.address,
+            "min-nodes": len(net.pki.owners),
+            "node-wait": NODE_WAIT,
+            "reply-timeout": CAMPAIGN_TIMEOUT,
+            "val-fraction": VAL_FRACTION,
+        }
+        return cls(net, app, reports, common)
+
+    def run(self, name: str, settings: dict[str, Any]) -> dict[str, Any]:
         """``flwr run APP consortium --run-config ... --stream``; the ServerApp's report."""
-        report = campaigns / f"{name}.json"
-        values = {**common, **settings, "report": str(report)}
+        services, owners = self.net.services, self.net.pki.owners
+        report = self.reports / f"{name}.json"
+        values = {**self.common, **settings, "report": str(report)}
         proc = services.start(
             f"campaign-{name}",
-            ["flwr", "run", app, CONNECTION, "--run-config", run_config(values), "--stream"],
-            op_env,
+            ["flwr", "run", self.app, CONNECTION, "--run-config", run_config(values), "--stream"],
+            self.net.op_env,
         )
         deadline = time.monotonic() + CAMPAIGN_TIMEOUT + 120
         while proc.poll() is None:
@@ -657,11 +574,14 @@ def _federate(
             )
         return result
 
-    # --- a training campaign --------------------------------------------------------------
+
+def training_campaign(campaigns: Campaigns, s: DemoSettings, prepared: Prepared) -> dict[str, Any]:
+    """Every node fetches the anchor, trains, signs and submits its expert; the report."""
     console.print(
-        f"operator: training campaign on {len(owners)} SuperNodes ({s.expert_steps} steps each)"
+        f"operator: training campaign on {len(campaigns.net.pki.owners)} SuperNodes "
+        f"({s.expert_steps} steps each)"
     )
-    train = campaign(
+    return campaigns.run(
         "train",
         {
             "campaign": "train",
@@ -673,80 +593,86 @@ def _federate(
             "seed": 0,
         },
     )
-    experts = {n["node_name"]: n["answer"]["expert_id"] for n in train["nodes"]}
-    done("training campaign")
 
-    releases: list[dict[str, Any]] = []
 
-    def release_and_fetch() -> Path:
-        out = run_cli(
-            f"release-{len(releases) + 1}",
-            flexfed_cli("coordinator", "release", "--top-k", str(TOP_K)),
-            op_env,
-            logs,
-        )
-        m = re.search(r"release (\d+): (\d+) experts, top-(\d+), model (\S+), log entry (\d+)", out)
-        if not m:
-            raise NetworkDemoError(f"unexpected `coordinator release` output: {out}")
-        version = int(m.group(1))
-        model = operator / "releases" / f"v{version}"
-        run_cli(
-            f"fetch-model-{version}",
-            flexfed_cli("client", "fetch-model", "--out", model, "--version", str(version)),
-            op_env,
-            logs,
-        )
-        releases.append(
-            {
-                "version": version,
-                "experts": int(m.group(2)),
-                "top_k": int(m.group(3)),
-                "model_artifact_digest": m.group(4),
-                "log_index": int(m.group(5)),
-            }
-        )
-        console.print(f"operator: {out.strip()}", soft_wrap=True)
-        return model
+def release_and_fetch(net: Network) -> Path:
+    """``flexfed coordinator release``, recorded in ``net.releases``; the downloaded model."""
+    out = run_cli(
+        f"release-{len(net.releases) + 1}",
+        flexfed_cli("coordinator", "release", "--top-k", str(TOP_K)),
+        net.op_env,
+        net.logs,
+    )
+    m = re.search(r"release (\d+): (\d+) experts, top-(\d+), model (\S+), log entry (\d+)", out)
+    if not m:
+        raise NetworkDemoError(f"unexpected `coordinator release` output: {out}")
+    version = int(m.group(1))
+    model = net.operator / "releases" / f"v{version}"
+    run_cli(
+        f"fetch-model-{version}",
+        flexfed_cli("client", "fetch-model", "--out", model, "--version", str(version)),
+        net.op_env,
+        net.logs,
+    )
+    net.releases.append(
+        {
+            "version": version,
+            "experts": int(m.group(2)),
+            "top_k": int(m.group(3)),
+            "model_artifact_digest": m.group(4),
+            "log_index": int(m.group(5)),
+        }
+    )
+    console.print(f"operator: {out.strip()}", soft_wrap=True)
+    return model
 
-    model = release_and_fetch()
-    done("release 1")
 
-    # --- an evaluation campaign: each owner measures the release on its own held-out data ---
+def evaluation_campaign(campaigns: Campaigns, s: DemoSettings, version: int) -> dict[str, Any]:
+    """Each owner measures release ``version`` on its own held-out data; the report."""
     console.print("operator: evaluation campaign on the release (owners answer with metrics)")
-    evaluation = campaign(
+    return campaigns.run(
         "evaluate",
         {
             "campaign": "evaluate",
-            "model-version": releases[0]["version"],
+            "model-version": version,
             "eval-seq-len": s.seq_len,
             "eval-max-sequences": s.eval_sequences,
         },
     )
-    done("evaluation campaign")
 
-    # --- an owner opts out, signed with its own key; the operator releases again ------------
-    dropped_domain = DEMO_DOMAINS[-1]
-    leaver = next(o for o in owners if o.domain == dropped_domain)
+
+def opt_out_and_rerelease(net: Network, experts: dict[str, str]) -> tuple[Owner, Path]:
+    """The dropped domain's owner opts out, signed with its own key; the next release."""
+    leaver = next(o for o in net.pki.owners if o.domain == DEMO_DOMAINS[-1])
     out = run_cli(
         f"optout-{leaver.org}",
         flexfed_cli("client", "optout", experts[leaver.org], "--org", leaver.org),
-        member_env(address, leaver.ca, leaver.creds, leaver.home / "flwr"),
-        logs,
+        member_env(net.address, leaver.ca, leaver.creds, leaver.home / "flwr"),
+        net.logs,
         cwd=leaver.home,
     )
     console.print(f"owner {leaver.org}: {out.strip()}", soft_wrap=True)
-    without = release_and_fetch()
-    done("opt-out and release 2")
+    return leaver, release_and_fetch(net)
+
+
+def check_coordinator(net: Network) -> int | None:
+    """``flexfed coordinator check``; the transparency log's size it reports."""
     check = run_cli(
-        "coordinator-check", flexfed_cli("coordinator", "check", coordinator_dir), op_env, logs
+        "coordinator-check",
+        flexfed_cli("coordinator", "check", net.coordinator_dir),
+        net.op_env,
+        net.logs,
     )
     m = re.search(r"\((\d+) experts, (\d+) entries\)", check)
-    log_size = int(m.group(2)) if m else None
     console.print(f"operator: {check.strip()}", soft_wrap=True)
+    return int(m.group(2)) if m else None
 
-    # --- the operator's evaluation, exactly as the local demo's --------------------------------
-    orgs = demo_orgs()
-    columns = evaluate_columns(
+
+def operator_evaluation(
+    s: DemoSettings, prepared: Prepared, model: Path, leaver: Owner, without: Path
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """The operator's evaluation, exactly as the local demo's: public, release 1, release 2."""
+    return evaluate_columns(
         s,
         prepared,
         [
@@ -755,22 +681,13 @@ def _federate(
             (f"flexolmo-without-{leaver.org}", without),
         ],
     )
-    done("operator evaluation")
-    results: dict[str, Any] = results_record(
-        s, quick, prepared, releases[0]["top_k"], orgs, dropped_domain, columns, t0
-    )
+
+
+def collect_results(
+    workdir: Path, results: dict[str, Any], network: dict[str, Any]
+) -> dict[str, Any]:
+    """``network.json`` and, marked ``"network": true``, the local demo's results files."""
     results["network"] = True
-    network = {
-        "coordinator": address,
-        "superlink": superlink,
-        "log_origin": LOG_ORIGIN,
-        "log_size": log_size,
-        "campaigns": {"train": train, "evaluate": evaluation},
-        "releases": releases,
-        "opted_out": {"org": leaver.org, "expert_id": experts[leaver.org]},
-        "logs": str(logs),
-        "seconds": timings,
-    }
     (workdir / "network.json").write_text(json.dumps(network, indent=2) + "\n")
     save_results(results, workdir)
     return results
