@@ -327,7 +327,9 @@ def status(
 def _state(state: int) -> str:
     from flexfed.proto.v1 import registry_pb2
 
-    return registry_pb2.ExpertState.Name(state).removeprefix("EXPERT_STATE_").lower()
+    # NOTE: typed str here because protobuf's enum wrapper is Any without types-protobuf.
+    name: str = registry_pb2.ExpertState.Name(state)
+    return name.removeprefix("EXPERT_STATE_").lower()
 
 
 @group.command("fetch-model")

@@ -525,7 +525,7 @@ def train_dense(
     pre-training on small data. Every parameter trains, or only those whose name contains
     ``only`` (e.g. ``".mlp."``: the uncoordinated-expert ablation). Returns per-step losses."""
     device = resolve_device(cfg.device)
-    model.to(device).train()
+    model.to(device).train()  # type: ignore[arg-type]  # transformers' @wraps'd .to
     for name, p in model.named_parameters():
         p.requires_grad_(only is None or only in name)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -553,7 +553,7 @@ def train_dense(
             opt.zero_grad(set_to_none=True)
             losses.append(step_loss)
             report(step + 1, step_loss)
-    model.eval()
+    model.eval()  # type: ignore[no-untyped-call]  # PreTrainedModel.eval is unannotated
     return losses
 
 
@@ -574,7 +574,8 @@ def _router_init(
         projection = anchor.projection()  # the coordinator's map, shared by every owner
         sample = sample_documents(docs, cfg.router_init_documents, seed=cfg.seed)
         return project(projection, mean_embedding(sample), anchor.shapes.num_layers)
-    dense = AutoModelForCausalLM.from_pretrained(anchor.path, dtype=torch.float32).to(device)
+    dense = AutoModelForCausalLM.from_pretrained(anchor.path, dtype=torch.float32)
+    dense.to(device)  # type: ignore[arg-type]  # transformers' @wraps'd .to
     sample = sample_documents(docs, cfg.router_init_documents, seed=cfg.seed)
     # r_i must live in the same space as the anchor's r_pub: the anchor records the norm its
     # router embeddings were scaled to (none recorded: raw means, as older anchors used).

@@ -255,7 +255,9 @@ def _upload_file(
     retry: _Retry,
 ) -> ArtifactInfo:
     stub = artifact_pb2_grpc.ArtifactServiceStub(channel)
-    start = artifact_pb2.StartUploadRequest(kind=int(kind), size=size, digest=digest)
+    start = artifact_pb2.StartUploadRequest(
+        kind=artifact_pb2.ArtifactKind.ValueType(kind), size=size, digest=digest
+    )
     state = retry.call(stub.StartUpload, start, timeout)
     if state.complete and not state.upload_id:
         log.info("%s is already on the coordinator; nothing to send", digest)

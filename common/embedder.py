@@ -71,7 +71,8 @@ def mean_embedding(
 def random_projection(hidden_size: int, seed: int = 0) -> torch.Tensor:
     """(H, 384) Gaussian map with variance 1/384, so projected norms stay about the same."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(hidden_size, DIM, generator=g) / DIM**0.5
+    sqrt_dim: float = DIM**0.5  # typed: typeshed gives int ** float as Any
+    return torch.randn(hidden_size, DIM, generator=g) / sqrt_dim
 
 
 def project(

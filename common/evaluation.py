@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
@@ -58,7 +58,8 @@ def evaluate_model(
 ) -> dict[str, dict[str, Any]]:
     """Per domain: mean next-token loss, perplexity and token count over its documents."""
     tokenizer = load_tokenizer(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()  # type: ignore[no-untyped-call]  # PreTrainedModel.eval is unannotated
     packed = {}
     for name, docs in domains.items():
         if not docs:
@@ -94,7 +95,8 @@ def routing_statistics(
     takes which domain's tokens (the full softmax, before top-k).
     """
     tokenizer = load_tokenizer(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()  # type: ignore[no-untyped-call]  # PreTrainedModel.eval is unannotated
     gates = [layer.mlp.gate for layer in model.model.layers if hasattr(layer.mlp, "gate")]
     if not gates:
         raise DataError(f"{model_dir} is not an MoE model; routing statistics need experts")
@@ -102,7 +104,8 @@ def routing_statistics(
 
     def hook(_m: torch.nn.Module, args: tuple[torch.Tensor, ...], _out: Any) -> None:
         x = args[0].reshape(-1, args[0].shape[-1])
-        captured.append(torch.softmax(torch.nn.functional.linear(x, _m.weight).float(), dim=-1))
+        weight = cast(torch.Tensor, _m.weight)  # the router's (E, H) parameter
+        captured.append(torch.softmax(torch.nn.functional.linear(x, weight).float(), dim=-1))
 
     handles = [g.register_forward_hook(hook) for g in gates]
     probs: dict[str, list[list[float]]] = {}

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -90,7 +90,7 @@ class AssembledModel:
 
 def slots_of_orgs(model: AssembledModel, orgs: Sequence[str]) -> list[int]:
     """Slot indices of every expert owned by any of ``orgs``; unknown orgs are an error."""
-    present = {s.get("org") for s in model.slots if s.get("org")}
+    present: set[str] = {s["org"] for s in model.slots if s.get("org")}
     unknown = sorted(set(orgs) - present)
     if unknown:
         raise AssemblyError(
@@ -152,6 +152,24 @@ def optout(
 # --- serving: mask experts of a loaded model --------------------------------------------
 
 
+_T = TypeVar("_T")
+
+
+def _attr(obj: nn.Module, name: str, kind: type[_T]) -> _T:
+    """``obj.<name>``, checked to be a ``kind``.
+
+    NOTE: mypy reads every attribute of an ``nn.Module`` as ``Tensor | Module``
+    (``Module.__getattr__``); the MoE blocks are found by duck typing, so narrow here.
+    """
+    value = getattr(obj, name)
+    if not isinstance(value, kind):
+        raise AssemblyError(
+            f"{type(obj).__name__}.{name} is a {type(value).__name__}, not a {kind.__name__}; "
+            "cannot mask the experts of this model"
+        )
+    return value
+
+
 def _moe_blocks(model: nn.Module) -> list[nn.Module]:
     blocks = [m for m in model.modules() if hasattr(m, "gate") and hasattr(m, "experts")]
     if not blocks:
@@ -167,12 +185,13 @@ def masked_experts(model: nn.Module, drop_slots: Sequence[int]) -> Iterator[nn.M
     router rows are gone and the softmax renormalises over the rest.
     """
     blocks = _moe_blocks(model)
-    num_experts = blocks[0].gate.weight.shape[0]
+    first_gate = _attr(blocks[0], "gate", nn.Module)
+    num_experts = _attr(first_gate, "weight", torch.Tensor).shape[0]
     drop = set(drop_slots)
     if not drop <= set(range(num_experts)) or 0 in drop:
         raise AssemblyError(f"can only mask expert slots 1..{num_experts - 1}, got {sorted(drop)}")
     keep = torch.tensor([i for i in range(num_experts) if i not in drop])
-    top_k = min(int(blocks[0].gate.top_k), len(keep))
+    top_k = min(_attr(first_gate, "top_k", int), len(keep))
     saved: list[tuple[nn.Module, str, Any]] = []
 
     def swap(obj: nn.Module, name: str, value: Any) -> None:
@@ -182,8 +201,10 @@ def masked_experts(model: nn.Module, drop_slots: Sequence[int]) -> Iterator[nn.M
     try:
         with torch.no_grad():
             for block in blocks:
-                gate, experts = block.gate, block.experts
-                swap(gate, "weight", nn.Parameter(gate.weight[keep].clone(), requires_grad=False))
+                gate = _attr(block, "gate", nn.Module)
+                experts = _attr(block, "experts", nn.Module)
+                weight = _attr(gate, "weight", torch.Tensor)
+                swap(gate, "weight", nn.Parameter(weight[keep].clone(), requires_grad=False))
                 swap(gate, "num_experts", len(keep))
                 swap(gate, "top_k", top_k)
                 if hasattr(block, "top_k"):

@@ -98,8 +98,10 @@ def build_public_model(
     overrides.setdefault("eos_token_id", tokenizer.eos_token_id)
     overrides.setdefault("pad_token_id", tokenizer.pad_token_id)
     config = tiny_config(family, **overrides)
-    cls = Olmo2ForCausalLM if family == "olmo2" else LlamaForCausalLM
-    model = cls(config).to(dtype).eval()
+    model: PreTrainedModel = (
+        Olmo2ForCausalLM(config) if isinstance(config, Olmo2Config) else LlamaForCausalLM(config)
+    )
+    model.to(dtype).eval()  # type: ignore[arg-type]  # transformers' @wraps'd .to
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return model

@@ -62,7 +62,9 @@ class TwoExpertFFN(nn.Module):
         # Router z-loss term: mean over tokens of logsumexp(logits)^2.
         self.z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
         p = F.softmax(logits, dim=-1).to(x.dtype)  # (B, T, 2)
-        return p[..., 0:1] * self.public(x) + p[..., 1:2] * self.expert(x)
+        # NOTE: typed because nn.Module.__call__ returns Any.
+        y: torch.Tensor = p[..., 0:1] * self.public(x) + p[..., 1:2] * self.expert(x)  # (B, T, H)
+        return y
 
 
 def _layers(model: PreTrainedModel) -> nn.ModuleList:
@@ -102,8 +104,12 @@ def build_training_model(
         r_init = router_init[idx] if router_init is not None else r_pub
         if tuple(r_init.shape) != (anchor.shapes.hidden_size,):
             raise InvalidInputError(f"router_init[{idx}] has shape {list(r_init.shape)}")
-        layer.mlp = TwoExpertFFN(layer.mlp, r_pub, r_init, bias_init)
-    return model.to(device)
+        mlp = layer.mlp
+        if not isinstance(mlp, nn.Module):
+            raise UnsupportedModelError(f"{type(model).__name__} layer {idx} has no MLP module")
+        layer.mlp = TwoExpertFFN(mlp, r_pub, r_init, bias_init)
+    model.to(device)  # type: ignore[arg-type]  # transformers' @wraps'd .to
+    return model
 
 
 def trainable_parameters(model: PreTrainedModel) -> list[nn.Parameter]:

@@ -79,7 +79,9 @@ def status_for(err: FlexfedError) -> grpc.StatusCode:
 
 
 def info_to_proto(info: ArtifactInfo) -> artifact_pb2.ArtifactInfo:
-    return artifact_pb2.ArtifactInfo(digest=info.digest, kind=int(info.kind), size=info.size)
+    return artifact_pb2.ArtifactInfo(
+        digest=info.digest, kind=artifact_pb2.ArtifactKind.ValueType(info.kind), size=info.size
+    )
 
 
 def _state_to_proto(state: UploadState) -> artifact_pb2.UploadState:
