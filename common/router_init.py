@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -58,6 +58,72 @@ def sample_documents(docs: Sequence[str], n: int, seed: int = 2025) -> list[str]
 
 
 @torch.no_grad()
+def document_mlp_inputs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    docs: Sequence[str],
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    batch_size: int = 8,
+    *,
+    drop_empty: bool = True,
+) -> Iterator[tuple[int, list[torch.Tensor]]]:
+    """Per batch of ``docs``: how many documents it held, and per layer each document's mean
+    MLP input over its tokens (truncated to ``max_tokens``): float32 (B, H) tensors.
+
+    These are the vectors each layer's router reads. With ``drop_empty`` a document with no
+    tokens is left out of its batch's rows; without, it gets a zero row, so rows stay aligned
+    with ``docs``.
+    """
+    # NOTE: a generator: the hooks live while it is being consumed, and are removed when it
+    # ends, fails or is closed.
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise UnsupportedModelError(f"{type(model).__name__} has no model.layers")
+    device = next(model.parameters()).device
+    captured: list[torch.Tensor | None] = [None] * len(layers)
+    mask_holder: dict[str, torch.Tensor] = {}
+
+    def hook(idx: int) -> Callable[..., None]:
+        def capture(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].float()  # (B, T, H)
+            m = mask_holder["mask"]  # (B, T, 1)
+            captured[idx] = (x * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, H): over real tokens
+
+        return capture
+
+    mlps = [layer.get_submodule("mlp") for layer in layers]
+    handles = [mlp.register_forward_pre_hook(hook(i)) for i, mlp in enumerate(mlps)]
+    was_training = model.training
+    model.train(False)
+    try:
+        for start in range(0, len(docs), batch_size):
+            batch = list(docs[start : start + batch_size])
+            enc = tokenizer(
+                batch,
+                add_special_tokens=False,
+                truncation=True,
+                max_length=max_tokens,
+                padding=True,
+                return_tensors="pt",
+            )
+            keep = enc["attention_mask"].sum(1) > 0
+            if not drop_empty:
+                keep[:] = True
+            if not keep.any():
+                continue
+            ids = enc["input_ids"][keep].to(device)
+            mask = enc["attention_mask"][keep].to(device)
+            mask_holder["mask"] = mask.unsqueeze(-1).float()
+            model(input_ids=ids, attention_mask=mask)
+            rows = [c for c in captured if c is not None]
+            assert len(rows) == len(layers)
+            yield len(batch), rows
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
 def mlp_input_means(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -77,55 +143,16 @@ def mlp_input_means(
     """
     if norm is not None and not norm > 0:
         raise InvalidInputError(f"norm must be positive or None, got {norm}")
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise UnsupportedModelError(f"{type(model).__name__} has no model.layers")
-    device = next(model.parameters()).device
-    sums = [torch.zeros(model.config.hidden_size, dtype=torch.float64) for _ in layers]
-    captured: list[torch.Tensor | None] = [None] * len(layers)
-    mask_holder: dict[str, torch.Tensor] = {}
-
-    def hook(idx: int) -> Callable[..., None]:
-        def capture(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0].float()  # (B, T, H)
-            m = mask_holder["mask"]  # (B, T, 1)
-            captured[idx] = (x * m).sum(1) / m.sum(1)  # (B, H): mean over real tokens
-
-        return capture
-
-    mlps = [layer.get_submodule("mlp") for layer in layers]
-    handles = [mlp.register_forward_pre_hook(hook(i)) for i, mlp in enumerate(mlps)]
-    was_training = model.training
-    model.train(False)
+    sums: list[torch.Tensor] = []  # per layer, float64 (H,)
     count = 0
-    try:
-        for start in range(0, len(docs), batch_size):
-            batch = list(docs[start : start + batch_size])
-            enc = tokenizer(
-                batch,
-                add_special_tokens=False,
-                truncation=True,
-                max_length=max_tokens,
-                padding=True,
-                return_tensors="pt",
-            )
-            keep = enc["attention_mask"].sum(1) > 0
-            if not keep.any():
-                continue
-            ids = enc["input_ids"][keep].to(device)
-            mask = enc["attention_mask"][keep].to(device)
-            mask_holder["mask"] = mask.unsqueeze(-1).float()
-            model(input_ids=ids, attention_mask=mask)
-            for i, c in enumerate(captured):
-                assert c is not None
-                sums[i] += c.double().sum(0).cpu()
-            count += int(keep.sum())
-            if on_batch is not None:
-                on_batch(len(batch))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    for n_docs, rows in document_mlp_inputs(model, tokenizer, docs, max_tokens, batch_size):
+        if not sums:
+            sums = [torch.zeros(c.shape[-1], dtype=torch.float64) for c in rows]
+        for i, c in enumerate(rows):
+            sums[i] += c.double().sum(0).cpu()
+        count += rows[0].shape[0]
+        if on_batch is not None:
+            on_batch(n_docs)
     if count == 0:
         raise DataError("every document was empty after tokenisation")
     log.debug("router embeddings from %d documents", count)

@@ -51,6 +51,7 @@ from flexfed.common.errors import ConfigError, DataError, UnsupportedModelError
 from flexfed.common.evaluation import load_tokenizer
 from flexfed.common.families import family_of_config
 from flexfed.common.progress import count_progress
+from flexfed.common.router_init import document_mlp_inputs
 from flexfed.common.safetensors_io import (
     TORCH_DTYPES,
     OutTensor,
@@ -84,47 +85,14 @@ def document_features(
     same hidden states the routers read, so "resembles the owner's data" is judged in the
     space routing happens in.
     """
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise UnsupportedModelError(f"{type(model).__name__} has no model.layers")
-    device = next(model.parameters()).device
-    captured: list[torch.Tensor | None] = [None] * len(layers)
-    mask_holder: dict[str, torch.Tensor] = {}
-
-    def hook(idx: int) -> Callable[..., None]:
-        def capture(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0].float()  # (B, T, H)
-            m = mask_holder["mask"]  # (B, T, 1)
-            captured[idx] = (x * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, H)
-
-        return capture
-
-    handles = [
-        layer.get_submodule("mlp").register_forward_pre_hook(hook(i))
-        for i, layer in enumerate(layers)
+    # NOTE: blank documents become " " and empty ones keep a zero row: one row per document.
+    texts = [d if d.strip() else " " for d in docs]
+    rows = [
+        torch.cat(per_layer, dim=-1).cpu()
+        for _, per_layer in document_mlp_inputs(
+            model, tokenizer, texts, max_tokens, batch_size, drop_empty=False
+        )
     ]
-    was_training = model.training
-    model.train(False)
-    rows: list[torch.Tensor] = []
-    try:
-        for start in range(0, len(docs), batch_size):
-            batch = [d if d.strip() else " " for d in docs[start : start + batch_size]]
-            enc = tokenizer(
-                batch,
-                add_special_tokens=False,
-                truncation=True,
-                max_length=max_tokens,
-                padding=True,
-                return_tensors="pt",
-            )
-            mask = enc["attention_mask"].to(device)
-            mask_holder["mask"] = mask.unsqueeze(-1).float()
-            model(input_ids=enc["input_ids"].to(device), attention_mask=mask)
-            rows.append(torch.cat([c for c in captured if c is not None], dim=-1).cpu())
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
     if not rows:
         return torch.empty(0, 0)
     return torch.cat(rows)  # (N, L * H)
