@@ -23,13 +23,12 @@ machine take part in campaigns, never sign as the owner.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flexfed.common.ca import KeyExistsError
+from flexfed.common.ca import KeyExistsError, write_private
 from flexfed.common.errors import ConfigError
 
 NODE_CONFIG_KEYS = ("data-path", "cert", "key", "ca", "work-dir", "coordinator", "device")
@@ -108,9 +107,7 @@ def generate_node_key(path: Path) -> tuple[Path, Path]:
         serialization.NoEncryption(),
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(private_bytes)
+    write_private(path, private_bytes)
     public.write_bytes(
         key.public_key().public_bytes(
             serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH

@@ -166,7 +166,7 @@ def _iso(when: dt.datetime) -> str:
     return _utc(when).isoformat()
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
     """Create ``path`` with mode 0600 from the first byte on; never replace an existing file.
 
     Raises FileExistsError (for the caller to word) when ``path`` exists.
@@ -203,7 +203,8 @@ def _pem(obj: x509.Certificate | x509.CertificateRevocationList) -> bytes:
     return obj.public_bytes(serialization.Encoding.PEM)
 
 
-def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """A P-256 key as unencrypted PKCS#8 PEM."""
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -311,7 +312,7 @@ def init_ca(
         .sign(key, hashes.SHA256())
     )
     try:
-        _write_private(paths.key, _private_pem(key))
+        write_private(paths.key, private_pem(key))
     except FileExistsError:
         raise CaExistsError(f"{paths.key} already exists; it is never overwritten") from None
     _write_public(paths.cert, _pem(cert))
@@ -400,7 +401,7 @@ def generate_key_and_csr(org: str, out_dir: PathLike, role_hint: str | None = No
         .sign(key, hashes.SHA256())
     )
     try:
-        _write_private(key_path, _private_pem(key))
+        write_private(key_path, private_pem(key))
     except FileExistsError:
         raise KeyExistsError(f"{key_path} already exists; it is never overwritten") from None
     _write_public(csr_path, csr.public_bytes(serialization.Encoding.PEM))

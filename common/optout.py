@@ -170,11 +170,9 @@ def _attr(obj: nn.Module, name: str, kind: type[_T]) -> _T:
     return value
 
 
-def _moe_blocks(model: nn.Module) -> list[nn.Module]:
-    blocks = [m for m in model.modules() if hasattr(m, "gate") and hasattr(m, "experts")]
-    if not blocks:
-        raise AssemblyError(f"{type(model).__name__} has no MoE blocks to mask")
-    return blocks
+def moe_blocks(model: nn.Module) -> list[nn.Module]:
+    """The MoE blocks of a loaded model (modules with a ``gate`` and ``experts``), in order."""
+    return [m for m in model.modules() if hasattr(m, "gate") and hasattr(m, "experts")]
 
 
 @contextmanager
@@ -184,7 +182,9 @@ def masked_experts(model: nn.Module, drop_slots: Sequence[int]) -> Iterator[nn.M
     Inside the block the model is exactly the opted-out model: the dropped experts' FFNs and
     router rows are gone and the softmax renormalises over the rest.
     """
-    blocks = _moe_blocks(model)
+    blocks = moe_blocks(model)
+    if not blocks:
+        raise AssemblyError(f"{type(model).__name__} has no MoE blocks to mask")
     first_gate = _attr(blocks[0], "gate", nn.Module)
     num_experts = _attr(first_gate, "weight", torch.Tensor).shape[0]
     drop = set(drop_slots)

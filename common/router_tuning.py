@@ -50,6 +50,7 @@ from flexfed.common.data import pack_documents
 from flexfed.common.errors import ConfigError, DataError, UnsupportedModelError
 from flexfed.common.evaluation import load_tokenizer
 from flexfed.common.families import family_of_config
+from flexfed.common.optout import moe_blocks
 from flexfed.common.progress import count_progress
 from flexfed.common.router_init import document_mlp_inputs
 from flexfed.common.safetensors_io import (
@@ -214,14 +215,6 @@ def _lr_lambda(steps: int, warmup_fraction: float) -> Callable[[int], float]:
     return factor
 
 
-def moe_blocks(model: nn.Module) -> list[nn.Module]:
-    """The MoE blocks of a loaded model (modules with a ``gate`` and ``experts``), in order."""
-    blocks = [m for m in model.modules() if hasattr(m, "gate") and hasattr(m, "experts")]
-    if not blocks:
-        raise UnsupportedModelError(f"{type(model).__name__} has no MoE blocks to tune")
-    return blocks
-
-
 def tune_router(
     model_dir: Path | str,
     docs: Sequence[str] | Mapping[str, Sequence[str]],
@@ -268,6 +261,8 @@ def tune_router(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     blocks = moe_blocks(model)  # layer order
+    if not blocks:
+        raise UnsupportedModelError(f"{type(model).__name__} has no MoE blocks to tune")
     gates = [cast(nn.Module, block.gate) for block in blocks]
     params = [cast(nn.Parameter, gate.weight) for gate in gates]  # each (E, H)
     for p in model.parameters():

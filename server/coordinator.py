@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from flexfed.common.anchor import Anchor, open_anchor
 from flexfed.common.artifact_tar import ArtifactKind, extract_archive
+from flexfed.common.ca import private_pem, write_private
 from flexfed.common.errors import ConfigError, MissingFileError
 from flexfed.common.pki import CertificateError, load_certificate, load_crl, verify_chain
 from flexfed.common.signing import load_private_key
@@ -50,21 +51,6 @@ logger = logging.getLogger(__name__)
 
 class CoordinatorExistsError(ConfigError, FileExistsError):
     """``init`` was pointed at a directory that is already in use."""
-
-
-def _write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    data = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # whatever the umask
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _check_tls(tls: TlsFiles) -> None:
@@ -151,7 +137,7 @@ def _populate(
     for folder in (provisional.log_dir, provisional.store_dir, provisional.staging_dir):
         folder.mkdir()
     key = ec.generate_private_key(ec.SECP256R1())
-    _write_private_key(provisional.log_key, key)
+    write_private(provisional.log_key, private_pem(key))
     provisional.log_public_key.write_bytes(
         key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
