@@ -51,6 +51,7 @@ from flexfed.common.pki import (
     Role,
     _attr,
     _check_signed_by,
+    _load_pem_or_der,
     _ski,
     _utc,
     format_serial,
@@ -362,17 +363,13 @@ def _open_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey
 
 def load_csr(path: PathLike) -> x509.CertificateSigningRequest:
     """Load a certificate signing request (PEM or DER)."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise MissingFileError(f"certificate request not found: {path}") from None
-    try:
-        if b"-----BEGIN" in data:
-            return x509.load_pem_x509_csr(data)
-        return x509.load_der_x509_csr(data)
-    except ValueError as err:
-        raise CertificateRequestError(f"{path} is not a certificate request: {err}") from err
+    return _load_pem_or_der(
+        path,
+        "certificate request",
+        x509.load_pem_x509_csr,
+        x509.load_der_x509_csr,
+        CertificateRequestError,
+    )
 
 
 def generate_key_and_csr(org: str, out_dir: PathLike, role_hint: str | None = None) -> KeyRequest:

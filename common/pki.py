@@ -21,10 +21,10 @@ import contextlib
 import datetime as dt
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeAlias
+from typing import Literal, TypeAlias, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -32,7 +32,12 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from flexfed.common.errors import InvalidInputError, MissingFileError, VerificationError
+from flexfed.common.errors import (
+    FlexfedError,
+    InvalidInputError,
+    MissingFileError,
+    VerificationError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -206,34 +211,44 @@ def _ski(cert: x509.Certificate) -> x509.SubjectKeyIdentifier:
 # --- reading and verifying -----------------------------------------------------------------
 
 
-def load_certificate(path: PathLike) -> x509.Certificate:
-    """Load one certificate (PEM, the first of a bundle, or DER)."""
+T = TypeVar("T")
+
+
+def _load_pem_or_der(
+    path: PathLike,
+    what: str,
+    pem: Callable[[bytes], T],
+    der: Callable[[bytes], T],
+    error: type[FlexfedError],
+) -> T:
+    """Read ``path`` and parse it as PEM (when it has a PEM header) or DER."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise MissingFileError(f"certificate not found: {path}") from None
+        raise MissingFileError(f"{what} not found: {path}") from None
     try:
-        if b"-----BEGIN" in data:
-            return x509.load_pem_x509_certificate(data)
-        return x509.load_der_x509_certificate(data)
+        return pem(data) if b"-----BEGIN" in data else der(data)
     except ValueError as err:
-        raise MalformedCertificateError(f"{path} is not a readable certificate: {err}") from err
+        raise error(f"{path} is not a readable {what}: {err}") from err
+
+
+def load_certificate(path: PathLike) -> x509.Certificate:
+    """Load one certificate (PEM, the first of a bundle, or DER)."""
+    return _load_pem_or_der(
+        path,
+        "certificate",
+        x509.load_pem_x509_certificate,
+        x509.load_der_x509_certificate,
+        MalformedCertificateError,
+    )
 
 
 def load_crl(path: PathLike) -> x509.CertificateRevocationList:
     """Load a certificate revocation list (PEM or DER)."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise MissingFileError(f"CRL not found: {path}") from None
-    try:
-        if b"-----BEGIN" in data:
-            return x509.load_pem_x509_crl(data)
-        return x509.load_der_x509_crl(data)
-    except ValueError as err:
-        raise MalformedCrlError(f"{path} is not a readable CRL: {err}") from err
+    return _load_pem_or_der(
+        path, "CRL", x509.load_pem_x509_crl, x509.load_der_x509_crl, MalformedCrlError
+    )
 
 
 def _san_values(cert: x509.Certificate, prefix: str) -> set[str]:
