@@ -89,6 +89,21 @@ def init(
     )
 
 
+def _service_logging() -> None:
+    """A long-running service logs flexfed.server at INFO at least (more with --verbose)."""
+    server = logging.getLogger("flexfed.server")
+    if server.getEffectiveLevel() > logging.INFO:
+        server.setLevel(logging.INFO)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+
+
+def _started(line: str) -> None:
+    """Print a service's start line at once (tests and scripts wait for it)."""
+    click.echo(line)
+    sys.stdout.flush()
+
+
 @group.command("serve")
 @click.argument("directory", type=_PATH)
 @click.option("--listen", help="HOST:PORT to listen on instead of the configured one.")
@@ -98,15 +113,8 @@ def serve(directory: Path, listen: str | None) -> None:
     from flexfed.server.config import load_config
 
     # NOTE: the operator wants the start line and recovery warnings even without --verbose.
-    logging.getLogger("flexfed.server").setLevel(logging.INFO)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
-
-    def started(line: str) -> None:
-        click.echo(line)
-        sys.stdout.flush()
-
-    run(load_config(directory), listen=listen, on_start=started)
+    _service_logging()
+    run(load_config(directory), listen=listen, on_start=_started)
 
 
 @group.command("check")
@@ -162,14 +170,7 @@ def fleet_proxy(
     from flexfed.server.fleet_proxy import serve as run
 
     # NOTE: refused requests are warnings; forwarded ones are logged with --verbose.
-    if logging.getLogger("flexfed.server").getEffectiveLevel() > logging.INFO:
-        logging.getLogger("flexfed.server").setLevel(logging.INFO)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
-
-    def started(line: str) -> None:
-        click.echo(line)
-        sys.stdout.flush()
+    _service_logging()
 
     run(
         listen,
@@ -179,7 +180,7 @@ def fleet_proxy(
         ca,
         server_name,
         max_body_bytes=parse_size(max_body_size),
-        on_start=started,
+        on_start=_started,
     )
 
 
