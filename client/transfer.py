@@ -46,6 +46,7 @@ from flexfed.common.errors import (
     TransferError,
 )
 from flexfed.common.progress import byte_progress
+from flexfed.common.watchdog import IdleWatchdog
 from flexfed.proto.v1 import artifact_pb2, artifact_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -113,36 +114,6 @@ def _retryable(err: BaseException) -> bool:
 
 class _Stalled(Exception):
     """A stream made no progress within the deadline and was cancelled."""
-
-
-class _Watchdog:
-    """Cancels a call when :meth:`kick` has not been called for ``limit`` seconds."""
-
-    def __init__(self, limit: float, cancel: Callable[[], Any] = lambda: None) -> None:
-        self.limit = limit
-        self.cancel = cancel
-        self.stalled = False
-        self._last = time.monotonic()
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True, name="transfer-watch")
-
-    def kick(self) -> None:
-        self._last = time.monotonic()
-
-    def _watch(self) -> None:
-        while not self._done.wait(min(1.0, self.limit / 4)):
-            if time.monotonic() - self._last > self.limit:
-                self.stalled = True
-                self.cancel()
-                return
-
-    def __enter__(self) -> _Watchdog:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join()
 
 
 class _Retry:
@@ -307,7 +278,7 @@ def _send(
     meter: _Meter,
 ) -> artifact_pb2.UploadState:
     """One Upload stream from the server's offset to the end; returns the server's state."""
-    watchdog = _Watchdog(timeout)
+    watchdog = IdleWatchdog(timeout, name="transfer-watch")
     failed: list[BaseException] = []
 
     def requests() -> Iterator[artifact_pb2.UploadChunk]:
@@ -330,7 +301,7 @@ def _send(
             meter.set(offset)
 
     call = stub.Upload.future(requests())
-    watchdog.cancel = call.cancel
+    watchdog.on_idle = call.cancel
     with watchdog:
         try:
             result: artifact_pb2.UploadState = call.result()
@@ -413,7 +384,7 @@ def _fetch(
         while offset < info.size:
             request = artifact_pb2.DownloadRequest(digest=info.digest, offset=offset)
             call = stub.Download(request)
-            with _Watchdog(timeout, call.cancel) as watchdog:
+            with IdleWatchdog(timeout, call.cancel, "transfer-watch") as watchdog:
                 try:
                     for msg in call:
                         watchdog.kick()

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
-import time
 from collections.abc import Iterable, Iterator
 from typing import NoReturn
 
@@ -40,6 +38,7 @@ import grpc
 
 from flexfed.common.artifact_tar import ArtifactInfo, ArtifactKind
 from flexfed.common.errors import DigestMismatchError, FlexfedError, InvalidInputError
+from flexfed.common.watchdog import IdleWatchdog
 from flexfed.proto.v1 import artifact_pb2, artifact_pb2_grpc
 from flexfed.server.auth import Authorizer, Caller, abort, status_of
 from flexfed.server.config import DEFAULT_STREAM_IDLE_SECONDS
@@ -95,8 +94,8 @@ def _state_to_proto(state: UploadState) -> artifact_pb2.UploadState:
     )
 
 
-class _IdleCancel:
-    """Cancels a stream when :meth:`kick` was not called for ``limit`` seconds.
+def _idle_cancel(context: grpc.ServicerContext, limit: float, what: str) -> IdleWatchdog:
+    """A watchdog that cancels a stream when it made no progress for ``limit`` seconds.
 
     FIX (found by tests/integration/test_load.py): a client that opens a stream and then
     neither sends nor reads held a worker thread until its own deadline (any length), so
@@ -104,30 +103,11 @@ class _IdleCancel:
     whatever was counted is durable and the client resumes.
     """
 
-    def __init__(self, context: grpc.ServicerContext, limit: float, what: str) -> None:
-        self.context = context
-        self.limit = limit
-        self.what = what
-        self._last = time.monotonic()
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True, name="stream-idle")
+    def cancel() -> None:
+        log.warning("%s: no progress for %.0f s; cancelled", what, limit)
+        context.cancel()
 
-    def kick(self) -> None:
-        self._last = time.monotonic()
-
-    def _watch(self) -> None:
-        while not self._done.wait(min(1.0, self.limit / 4)):
-            if time.monotonic() - self._last > self.limit:
-                log.warning("%s: no progress for %.0f s; cancelled", self.what, self.limit)
-                self.context.cancel()
-                return
-
-    def __enter__(self) -> _IdleCancel:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
+    return IdleWatchdog(limit, cancel, "stream-idle")
 
 
 def _kind(context: grpc.ServicerContext, value: int) -> ArtifactKind:
@@ -198,8 +178,8 @@ class ArtifactServicer(artifact_pb2_grpc.ArtifactServiceServicer):  # type: igno
     ) -> artifact_pb2.UploadState:
         caller, owner = self._uploader(context)
         upload_id: str | None = None
-        # FIX: cancelled after idle_seconds without a chunk (see _IdleCancel).
-        idle = _IdleCancel(context, self.idle_seconds, f"upload stream from {caller}")
+        # FIX: cancelled after idle_seconds without a chunk (see _idle_cancel).
+        idle = _idle_cancel(context, self.idle_seconds, f"upload stream from {caller}")
         try:
             with idle:
                 for chunk in request_iterator:
@@ -275,8 +255,8 @@ class ArtifactServicer(artifact_pb2_grpc.ArtifactServiceServicer):  # type: igno
             pos = request.offset
             blob.seek(pos)
             first: artifact_pb2.ArtifactInfo | None = info_to_proto(info)
-            # FIX: a reader that stops reading is cancelled after idle_seconds (_IdleCancel).
-            idle = _IdleCancel(context, self.idle_seconds, f"download of {info.digest}")
+            # FIX: a reader that stops reading is cancelled after idle_seconds (_idle_cancel).
+            idle = _idle_cancel(context, self.idle_seconds, f"download of {info.digest}")
             # NOTE: a yield returns only once gRPC has sent the message (flow control), so at
             # most one chunk per stream is in memory, however slowly the client reads.
             with idle:
