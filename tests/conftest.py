@@ -64,6 +64,24 @@ def make_expert_bundle(
     return write_bundle(out, extract_expert(model), make_meta(anchor, org, name), anchor)
 
 
+def build_small_anchor(family: str, tmp_path_factory: pytest.TempPathFactory) -> Anchor:
+    """A small anchor (hidden 16, 2 layers) for tests about services, not about the model."""
+    return build_anchor(
+        family,
+        tmp_path_factory.mktemp(f"small-anchor-{family}") / "anchor",
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+    )
+
+
+@pytest.fixture(scope="module")
+def small_anchor(tmp_path_factory: pytest.TempPathFactory) -> Anchor:
+    """One small olmo2 anchor per module (a module may override it with another family)."""
+    return build_small_anchor("olmo2", tmp_path_factory)
+
+
 @pytest.fixture
 def expert_factory(anchor: Anchor, tmp_path: Path) -> Callable[..., Path]:
     def make(org: str, seed: int | None = 1, name: str = "expert") -> Path:

@@ -88,3 +88,16 @@ class Consortium:
 
     def channel(self, address: str, member: Member) -> grpc.Channel:
         return secure_channel(address, self.pki.ca_pem, member.cert, member.key)
+
+    def coordinator_init_args(self, directory: Path, anchor: Path, origin: str) -> list[str]:
+        """``flexfed coordinator init`` for this consortium on 127.0.0.1 (any free port)."""
+        return [
+            "coordinator", "init", str(directory),
+            "--ca-cert", str(self.pki.ca_pem),
+            "--crl", str(self.pki.crl_pem),
+            "--tls-cert", str(self.server.cert),
+            "--tls-key", str(self.server.key),
+            "--anchor", str(anchor),
+            "--listen", "127.0.0.1:0",
+            "--origin", origin,
+        ]  # fmt: skip

@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 from click.testing import CliRunner
-from conftest import make_expert_bundle
+from conftest import build_small_anchor, make_expert_bundle
 from consortium import Consortium
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -30,7 +30,6 @@ from flexfed.client.transfer import upload_artifact
 from flexfed.common.anchor import Anchor
 from flexfed.common.artifact_tar import ArtifactKind, parse_digest
 from flexfed.common.cli import cli
-from flexfed.common.tiny import build_anchor
 from flexfed.common.translog import FileLog, parse_entry
 from flexfed.proto.v1 import registry_pb2, registry_pb2_grpc
 from flexfed.server.config import load_config
@@ -41,27 +40,11 @@ FLEXFED = Path(sys.executable).parent / "flexfed"
 
 @pytest.fixture(scope="module")
 def small_anchor(tmp_path_factory: pytest.TempPathFactory) -> Anchor:
-    return build_anchor(
-        "llama",
-        tmp_path_factory.mktemp("anchor") / "anchor",
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-    )
+    return build_small_anchor("llama", tmp_path_factory)
 
 
 def init_args(consortium: Consortium, directory: Path, anchor: Anchor) -> list[str]:
-    return [
-        "coordinator", "init", str(directory),
-        "--ca-cert", str(consortium.pki.ca_pem),
-        "--crl", str(consortium.pki.crl_pem),
-        "--tls-cert", str(consortium.server.cert),
-        "--tls-key", str(consortium.server.key),
-        "--anchor", str(anchor.path),
-        "--listen", "127.0.0.1:0",
-        "--origin", "serve.example/log",
-    ]  # fmt: skip
+    return consortium.coordinator_init_args(directory, anchor.path, "serve.example/log")
 
 
 @pytest.fixture(scope="module")

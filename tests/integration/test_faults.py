@@ -44,7 +44,7 @@ from typing import Any
 import grpc
 import pytest
 from click.testing import CliRunner
-from conftest import make_expert_bundle
+from conftest import build_small_anchor, make_expert_bundle
 from consortium import Consortium, Member
 
 from flexfed.client.consortium import Connection, ConsortiumClient
@@ -55,7 +55,6 @@ from flexfed.common.artifact_tar import ArtifactKind, pack_directory, parse_dige
 from flexfed.common.audit import audit_model
 from flexfed.common.checkpoint import read_json
 from flexfed.common.cli import cli
-from flexfed.common.tiny import build_anchor
 from flexfed.common.translog import FileLog, parse_entry
 from flexfed.proto.v1 import (
     artifact_pb2,
@@ -76,14 +75,7 @@ CHUNK = 64 * 1024
 
 @pytest.fixture(scope="module")
 def small_anchor(tmp_path_factory: pytest.TempPathFactory) -> Anchor:
-    return build_anchor(
-        "llama",
-        tmp_path_factory.mktemp("anchor") / "anchor",
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-    )
+    return build_small_anchor("llama", tmp_path_factory)
 
 
 # --- a real coordinator process ------------------------------------------------------------
@@ -96,19 +88,7 @@ def free_port() -> int:
 
 
 def init_coordinator_dir(consortium: Consortium, anchor: Anchor, root: Path) -> Path:
-    result = CliRunner().invoke(
-        cli,
-        [
-            "coordinator", "init", str(root),
-            "--ca-cert", str(consortium.pki.ca_pem),
-            "--crl", str(consortium.pki.crl_pem),
-            "--tls-cert", str(consortium.server.cert),
-            "--tls-key", str(consortium.server.key),
-            "--anchor", str(anchor.path),
-            "--listen", "127.0.0.1:0",
-            "--origin", ORIGIN,
-        ],
-    )  # fmt: skip
+    result = CliRunner().invoke(cli, consortium.coordinator_init_args(root, anchor.path, ORIGIN))
     assert result.exit_code == 0, result.output
     return root
 

@@ -146,10 +146,7 @@ def federation(
         anchor = build_anchor("olmo2", root / "anchor", hidden_size=32, num_hidden_layers=2)
         directory = root / "coordinator"
         run(
-            [FLEXFED, "coordinator", "init", directory,
-             "--ca-cert", consortium.pki.ca_pem, "--crl", consortium.pki.crl_pem,
-             "--tls-cert", consortium.server.cert, "--tls-key", consortium.server.key,
-             "--anchor", anchor.path, "--listen", "127.0.0.1:0", "--origin", ORIGIN],
+            [FLEXFED, *consortium.coordinator_init_args(directory, anchor.path, ORIGIN)],
             environment(root / "flwr-operator"),
         )  # fmt: skip
         coordinator = subprocess.Popen(

@@ -55,12 +55,7 @@ def coordinator(
     root = tmp_path_factory.mktemp("operator")
     anchor = build_anchor("olmo2", root / "anchor", hidden_size=32, num_hidden_layers=2)
     directory = root / "coordinator"
-    ok(
-        "coordinator", "init", directory,
-        "--ca-cert", consortium.pki.ca_pem, "--crl", consortium.pki.crl_pem,
-        "--tls-cert", consortium.server.cert, "--tls-key", consortium.server.key,
-        "--anchor", anchor.path, "--listen", "127.0.0.1:0", "--origin", "flow.example/log",
-    )  # fmt: skip
+    ok(*consortium.coordinator_init_args(directory, anchor.path, "flow.example/log"))
     server = subprocess.Popen(
         [FLEXFED, "coordinator", "serve", str(directory)],
         stdout=subprocess.PIPE,

@@ -41,7 +41,6 @@ from flexfed.client.consortium import Connection, ConsortiumClient
 from flexfed.client.sign import sign_bundle
 from flexfed.common.anchor import Anchor
 from flexfed.common.cli import cli
-from flexfed.common.tiny import build_anchor
 from flexfed.common.translog import (
     SignedCheckpoint,
     leaf_hash,
@@ -63,37 +62,14 @@ WORKERS = 8  # the default limits.workers
 IDLE = 3.0  # limits.stream_idle_seconds for this test
 
 
-@pytest.fixture(scope="module")
-def small_anchor(tmp_path_factory: pytest.TempPathFactory) -> Anchor:
-    return build_anchor(
-        "olmo2",
-        tmp_path_factory.mktemp("anchor") / "anchor",
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-    )
-
-
 @pytest.fixture
 def served(
     consortium: Consortium, small_anchor: Anchor, tmp_path: Path
 ) -> Iterator[tuple[Path, str]]:
     """A coordinator directory and the address of its ``serve`` subprocess."""
     root = tmp_path / "coordinator"
-    result = CliRunner().invoke(
-        cli,
-        [
-            "coordinator", "init", str(root),
-            "--ca-cert", str(consortium.pki.ca_pem),
-            "--crl", str(consortium.pki.crl_pem),
-            "--tls-cert", str(consortium.server.cert),
-            "--tls-key", str(consortium.server.key),
-            "--anchor", str(small_anchor.path),
-            "--listen", "127.0.0.1:0",
-            "--origin", ORIGIN,
-        ],
-    )  # fmt: skip
+    args = consortium.coordinator_init_args(root, small_anchor.path, ORIGIN)
+    result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     toml = root / "coordinator.toml"
     text = toml.read_text()

@@ -46,7 +46,6 @@ from flexfed.server.registry import ExpertRecord, ExpertState, Registry, Release
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # The unit tests' module-scoped fixtures, as they are (pytest finds them here by these names).
-small_anchor = unit.small_anchor
 pki = unit.pki
 server_member = unit.server_member
 acme = unit.acme

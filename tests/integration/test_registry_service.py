@@ -42,7 +42,6 @@ from flexfed.common.errors import (
 )
 from flexfed.common.owner_request import sign_owner_request
 from flexfed.common.signing import BundleVerifier
-from flexfed.common.tiny import build_anchor
 from flexfed.common.translog import (
     SignedCheckpoint,
     leaf_hash,
@@ -99,18 +98,6 @@ TAMPER_CODES = {
     "provenance by another key": "provenance-invalid",
     "provenance missing": "provenance-invalid",
 }
-
-
-@pytest.fixture(scope="module")
-def small_anchor(tmp_path_factory: pytest.TempPathFactory) -> Anchor:
-    return build_anchor(
-        "olmo2",
-        tmp_path_factory.mktemp("anchor") / "anchor",
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-    )
 
 
 @pytest.fixture(scope="module")

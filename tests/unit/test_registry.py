@@ -28,7 +28,6 @@ from flexfed.common.ca import generate_key_and_csr, issue_certificate
 from flexfed.common.errors import ConfigError
 from flexfed.common.safetensors_io import load_tensors, save_tensors
 from flexfed.common.signing import BundleVerifier
-from flexfed.common.tiny import build_anchor
 from flexfed.common.translog import parse_entry
 from flexfed.server import lifecycle
 from flexfed.server.config import load_config
@@ -47,18 +46,6 @@ from flexfed.server.registry import (
     Registry,
     ReleaseRecord,
 )
-
-
-@pytest.fixture(scope="module")
-def small_anchor(tmp_path_factory: pytest.TempPathFactory) -> Anchor:
-    return build_anchor(
-        "olmo2",
-        tmp_path_factory.mktemp("anchor") / "anchor",
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-    )
 
 
 @pytest.fixture(scope="module")

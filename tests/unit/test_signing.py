@@ -104,19 +104,6 @@ def now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-@pytest.fixture(scope="module")
-def small_anchor(tmp_path_factory: pytest.TempPathFactory) -> Anchor:
-    """One small anchor for the whole module (signing does not depend on the family)."""
-    return build_anchor(
-        "olmo2",
-        tmp_path_factory.mktemp("signing-anchor") / "anchor",
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-    )
-
-
 @pytest.fixture
 def pki(tmp_path: Path) -> Pki:
     return Pki(tmp_path / "pki")
@@ -679,7 +666,6 @@ def test_one_verifier_checks_bundles_signed_with_later_certificates(tmp_path: Pa
     from conftest import make_expert_bundle
 
     from flexfed.common.signing import BundleSigner, BundleVerifier
-    from flexfed.common.tiny import build_anchor
 
     anchor = build_anchor("olmo2", tmp_path / "anchor")
     ca = init_ca(tmp_path / "ca", "Test CA")
@@ -700,7 +686,6 @@ def test_train_with_sign_writes_a_verifying_bundle(tmp_path: Path) -> None:
     import sys
 
     from flexfed.common.signing import BundleVerifier
-    from flexfed.common.tiny import build_anchor
 
     anchor = build_anchor("olmo2", tmp_path / "anchor")
     ca = init_ca(tmp_path / "ca", "Test CA")
