@@ -180,6 +180,10 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             action,
             lambda: owner_request(self.coordinator, action, signed, self._org_of(caller)),
         )
+        return self._change_message(change)
+
+    def _change_message(self, change: Change) -> registry_pb2.OwnerRequestResponse:
+        """The answer to a logged state change: the expert now, its entry, a checkpoint."""
         return registry_pb2.OwnerRequestResponse(
             expert=expert_message(change.expert),
             log_index=change.log_index,
@@ -205,11 +209,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             "RevokeExpert",
             lambda: revoke_expert(self.coordinator, request.expert_id, request.reason, str(caller)),
         )
-        return registry_pb2.OwnerRequestResponse(
-            expert=expert_message(change.expert),
-            log_index=change.log_index,
-            checkpoint=checkpoint_message(self.coordinator),
-        )
+        return self._change_message(change)
 
     def ReleaseModel(
         self, request: registry_pb2.ReleaseRequest, context: grpc.ServicerContext
