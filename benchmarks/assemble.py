@@ -4,8 +4,8 @@ What is measured, on CPU, with inputs built in code (nothing is downloaded):
 
 - **Throughput.** A synthetic OLMo-2-shaped dense public model is written directly as
   safetensors (random weights, generated tensor by tensor from a seeded generator), made an
-  anchor with :func:`flexfed.common.anchor.create_anchor` (r_pub = random vectors), and N
-  expert bundles are written with :func:`flexfed.common.bundle.write_bundle`. The baseline is
+  anchor with :func:`flexfed.common.formats.anchor.create_anchor` (r_pub = random vectors), and N
+  expert bundles are written with :func:`flexfed.common.formats.bundle.write_bundle`. The baseline is
   copying the very files assembly reads (the anchor's weight files and every
   ``expert.safetensors``) into a fresh directory on the same filesystem, each file fsynced as
   assembly fsyncs each shard: once with ``shutil.copyfile`` (``sendfile`` on Linux), once with
@@ -59,20 +59,26 @@ from typing import Any
 
 import torch
 
-from flexfed.common.anchor import Anchor, create_anchor, open_anchor
-from flexfed.common.assembly import assemble
-from flexfed.common.bundle import EXPERT_WEIGHTS, ExpertMeta, expected_tensors, write_bundle
-from flexfed.common.checkpoint import CONFIG_FILE, Checkpoint
 from flexfed.common.cli.options import parse_size
 from flexfed.common.errors import FlexfedError
-from flexfed.common.safetensors_io import (
+from flexfed.common.formats.anchor import Anchor, create_anchor, open_anchor
+from flexfed.common.formats.bundle import (
+    EXPERT_WEIGHTS,
+    ExpertBundle,
+    ExpertMeta,
+    expected_tensors,
+    validate_bundle,
+    write_bundle,
+)
+from flexfed.common.formats.checkpoint import CONFIG_FILE, Checkpoint
+from flexfed.common.formats.safetensors_io import (
     DTYPE_SIZES,
     TORCH_DTYPES,
     OutTensor,
     build_header,
     tensor_bytes,
 )
-from flexfed.common.validation import ExpertBundle, validate_bundle
+from flexfed.common.moe.assembly import assemble
 
 MB = 10**6  # throughput and sizes are reported in decimal megabytes
 _CHILD_FLAG = "--child"
@@ -172,7 +178,7 @@ def public_specs(cfg: BenchConfig) -> tuple[dict[str, Any], list[tuple[str, tupl
     # transformers: its import-only baseline would otherwise include it.
     from transformers import Olmo2Config, Olmo2ForCausalLM
 
-    from flexfed.common.tiny import tiny_config
+    from flexfed.common.public.tiny import tiny_config
 
     config = tiny_config(
         "olmo2",
@@ -217,7 +223,7 @@ def write_streaming(
 def build_inputs(cfg: BenchConfig, root: Path) -> tuple[Anchor, list[Path]]:
     """Write the public model, make it an anchor, write the expert bundles."""
     # NOTE: tiny imports transformers; kept out of the child (see public_specs).
-    from flexfed.common.tiny import byte_tokenizer
+    from flexfed.common.public.tiny import byte_tokenizer
 
     public = root / "public"
     public.mkdir()

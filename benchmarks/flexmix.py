@@ -41,16 +41,18 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from flexfed.client.trainer import TrainConfig, train_dense, train_expert
-from flexfed.common.anchor import Anchor
-from flexfed.common.assembly import assemble
-from flexfed.common.bundle import ExpertMeta, write_bundle
-from flexfed.common.corpora import CLOSED_DOMAINS, write_domain
-from flexfed.common.data import data_commitment, pack_documents, read_documents
-from flexfed.common.evaluation import held_out, load_tokenizer
-from flexfed.common.optout import optout
-from flexfed.common.router_init import mlp_input_means, sample_documents
-from flexfed.common.training_model import build_training_model, extract_expert
+from flexfed.client.trainer import train_expert
+from flexfed.common.data.corpora import CLOSED_DOMAINS, write_domain
+from flexfed.common.data.ingest import data_commitment, pack_documents, read_documents
+from flexfed.common.formats.anchor import Anchor
+from flexfed.common.formats.bundle import ExpertMeta, write_bundle
+from flexfed.common.moe.assembly import assemble
+from flexfed.common.moe.config import TrainConfig
+from flexfed.common.moe.evaluation import held_out, load_tokenizer
+from flexfed.common.moe.optout import optout
+from flexfed.common.moe.recipe import train_dense
+from flexfed.common.moe.router_init import mlp_input_means, sample_documents
+from flexfed.common.moe.training_model import build_training_model, extract_expert
 from flexfed.server import demo
 
 PREFIX = 16

@@ -2,9 +2,9 @@
 
 For each closed domain of ``benchmarks/flexmix.py``'s work directory, the owner selects a
 proxy set from the public corpus (training split only) with its own training documents
-(:func:`flexfed.common.router_tuning.select_proxy`); the coordinator then tunes every router
+(:func:`flexfed.common.moe.router_tuning.select_proxy`); the coordinator then tunes every router
 row of ``models/flexolmo`` on the proxies and the public training documents, each source
-sampled uniformly (:func:`flexfed.common.router_tuning.tune_router`). Variants:
+sampled uniformly (:func:`flexfed.common.moe.router_tuning.tune_router`). Variants:
 
 - ``flexolmo-rt``: the paper's recipe, top-k as assembled during tuning;
 - ``flexolmo-rt-topall``: the same with top-k = number of experts during tuning (the paper's
@@ -39,10 +39,10 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # before transformer
 import torch
 from transformers import AutoModelForCausalLM
 
-from flexfed.common.data import pack_documents, read_documents
-from flexfed.common.evaluation import held_out, load_tokenizer, routing_statistics
-from flexfed.common.optout import optout
-from flexfed.common.router_tuning import select_proxy, tune_router
+from flexfed.common.data.ingest import pack_documents, read_documents
+from flexfed.common.moe.evaluation import held_out, load_tokenizer, routing_statistics
+from flexfed.common.moe.optout import optout
+from flexfed.common.moe.router_tuning import select_proxy, tune_router
 from flexfed.server import demo
 
 

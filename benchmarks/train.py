@@ -4,14 +4,14 @@ What is measured, with a model built in code (nothing is downloaded):
 
 - **The public model.** A randomly initialised dense model of the chosen family (OLMo-2 by
   default: hidden 256, intermediate 1024, 4 layers, 4 heads, vocab 4096, about the demo's
-  size), made an anchor with :func:`flexfed.common.tiny.build_anchor` (r_pub = seeded random
+  size), made an anchor with :func:`flexfed.common.public.tiny.build_anchor` (r_pub = seeded random
   vectors) in a temporary directory.
 - **The tokens.** One tensor of random token ids, ``torch.randint`` from a fixed seed, shape
   (steps, batch, seq). Step k of either method trains on batch k, so both see the same tokens.
 - **Expert training** (what ``flexfed client train`` runs per optimizer step, with the whole
   batch in one micro-batch, its default): the 2-expert model of
-  :func:`flexfed.common.training_model.build_training_model`, AdamW over
-  :func:`~flexfed.common.training_model.trainable_parameters` (the new FFN, r_i and b_i of every
+  :func:`flexfed.common.moe.training_model.build_training_model`, AdamW over
+  :func:`~flexfed.common.moe.training_model.trainable_parameters` (the new FFN, r_i and b_i of every
   layer) with the trainer's recipe (:class:`flexfed.client.trainer.TrainConfig`: betas
   (0.9, 0.95), weight decay 0, its learning-rate schedule), forward with labels, loss =
   cross-entropy + 0.001 x router z-loss, backward, the loss read back as a float (the trainer
@@ -84,15 +84,16 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
-from flexfed.client.trainer import TrainConfig, resolve_device
-from flexfed.common.anchor import Anchor
 from flexfed.common.errors import FlexfedError
-from flexfed.common.tiny import build_anchor
-from flexfed.common.training_model import (
+from flexfed.common.formats.anchor import Anchor
+from flexfed.common.moe.config import TrainConfig
+from flexfed.common.moe.recipe import resolve_device
+from flexfed.common.moe.training_model import (
     build_training_model,
     router_z_loss,
     trainable_parameters,
 )
+from flexfed.common.public.tiny import build_anchor
 
 MB = 10**6
 FAMILIES = ("olmo2", "llama")

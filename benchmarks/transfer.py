@@ -8,9 +8,9 @@ What is measured, on 127.0.0.1, with inputs built in code:
   with ``--server``): a real gRPC server with mutual TLS from a consortium CA made for the
   run, the :class:`~flexfed.server.artifacts.ArtifactServicer` over a fresh
   :class:`~flexfed.server.store.ArtifactStore` (1 MiB chunks, each fsynced). The parent, as
-  an owner, uploads the tar with :func:`flexfed.client.transfer.upload_artifact` (client-side
+  an owner, uploads the tar with :func:`flexfed.common.api.transfer.upload_artifact` (client-side
   SHA-256, StartUpload, the chunk stream, FinishUpload with the server's whole-digest check)
-  and downloads it with :func:`~flexfed.client.transfer.download_artifact` (per-chunk and
+  and downloads it with :func:`~flexfed.common.api.transfer.download_artifact` (per-chunk and
   whole SHA-256, written to a file and fsynced; then "extract" is timed separately).
   The baseline is a raw loopback TCP copy of the same tar: ``socket.sendfile`` in the parent
   into a child process that writes what it receives to a file and fsyncs it (no TLS, no
@@ -62,7 +62,7 @@ def server_main(argv: Sequence[str]) -> None:
     """Child: serve ArtifactService with mTLS until stdin closes; print the port first."""
     import grpc
 
-    from flexfed.common.tls import CHANNEL_OPTIONS, server_credentials
+    from flexfed.common.api.tls import CHANNEL_OPTIONS, server_credentials
     from flexfed.proto.v1 import artifact_pb2_grpc
     from flexfed.server.artifacts import ArtifactServicer
     from flexfed.server.auth import Authorizer
@@ -128,7 +128,7 @@ class Round:
 
 
 def make_pki(root: Path) -> Path:
-    from flexfed.common.ca import generate_key_and_csr, init_ca, issue_certificate
+    from flexfed.common.trust.ca import generate_key_and_csr, init_ca, issue_certificate
 
     init_ca(root / "ca", "Benchmark CA")
     for name, org, role, sans in [
@@ -182,9 +182,9 @@ def raw_copy(tar: Path, dst: Path) -> float:
 
 
 def one_round(root: Path, pki: Path, tar: Path, size: int) -> Round:
-    from flexfed.client.transfer import download_artifact, upload_artifact
-    from flexfed.common.artifact_tar import ArtifactKind, extract_archive
-    from flexfed.common.tls import secure_channel
+    from flexfed.common.api.tls import secure_channel
+    from flexfed.common.api.transfer import download_artifact, upload_artifact
+    from flexfed.common.formats.archive import ArtifactKind, extract_archive
 
     raw = raw_copy(tar, root / "raw.copy")
     server = _child(_SERVER_FLAG, str(root / "store"), str(pki), str(size * 2))
@@ -274,7 +274,7 @@ def main(argv: Sequence[str]) -> None:
     root = Path(tempfile.mkdtemp(prefix="flexfed-bench-transfer-", dir=a.workdir))
     load_start = os.getloadavg()[0]
     try:
-        from flexfed.common.artifact_tar import pack_directory
+        from flexfed.common.formats.archive import pack_directory
 
         pki = make_pki(root / "pki")
         src, tar = make_artifact(root, size)

@@ -2,7 +2,7 @@
 
 Builds one synthetic OLMo-2-shaped anchor and ONE expert bundle of ``--layers`` x FFN size
 (the defaults give ~1.2 GB in F32, with --layers 24 about 2.4 GB), signs it with a consortium
-owner certificate (``flexfed.common.ca`` + ``BundleSigner``), then alternates, ``--repeat``
+owner certificate (``flexfed.common.trust.ca`` + ``BundleSigner``), then alternates, ``--repeat``
 times:
 
 - the baseline: ``sha256sum`` (coreutils) of the same files (expert.safetensors, expert.json);
@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from assemble import BenchConfig, build_inputs
 
 from flexfed.client.sign import sign_bundle
-from flexfed.common.ca import generate_key_and_csr, init_ca, issue_certificate
-from flexfed.common.signing import BundleVerifier
+from flexfed.common.trust.ca import generate_key_and_csr, init_ca, issue_certificate
+from flexfed.common.trust.signing import BundleVerifier
 
 
 def main() -> None:

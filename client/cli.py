@@ -7,6 +7,30 @@ from typing import Any
 
 import click
 
+from flexfed.common.cli.options import config_options, connection_options
+from flexfed.common.moe.config import TrainConfig
+
+# TrainConfig fields offered by `client train` (help and defaults: the fields themselves).
+TRAIN_OPTIONS = (
+    "max_steps",
+    "device",
+    "seed",
+    "seq_len",
+    "batch_size",
+    "micro_batch_size",
+    "lr",
+    "warmup_steps",
+    "router_init",
+    "router_init_documents",
+    "eval_batches",
+    "bias_init",
+    "learn_bias",
+    "max_tokens",
+    "checkpoint_every",
+    "activation_checkpointing",
+    "compile",
+)
+
 
 @click.group("client")
 def group() -> None:
@@ -38,69 +62,7 @@ def group() -> None:
 @click.option(
     "--name", default="expert", show_default=True, help="Name of this expert (e.g. its domain)."
 )
-@click.option("--max-steps", default=200, show_default=True, type=int, help="Optimizer steps.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option(
-    "--seq-len", default=256, show_default=True, type=int, help="Tokens per training sequence."
-)
-@click.option(
-    "--batch-size", default=8, show_default=True, type=int, help="Sequences per optimizer step."
-)
-@click.option(
-    "--micro-batch-size",
-    default=None,
-    type=int,
-    help="Sequences per forward pass (default: batch size).",
-)
-@click.option("--lr", default=9e-4, show_default=True, type=float, help="Peak learning rate.")
-@click.option(
-    "--warmup-steps", default=None, type=int, help="Warmup steps (default: 10% of max steps)."
-)
-@click.option(
-    "--router-init",
-    default="hidden-states",
-    show_default=True,
-    type=click.Choice(["hidden-states", "embedder", "random", "public"]),
-    help="How r_i starts: mean public-model hidden state of your documents, random, or r_pub.",
-)
-@click.option(
-    "--router-init-documents",
-    default=1000,
-    show_default=True,
-    type=int,
-    help="Documents sampled to compute r_i (fewer: faster on a large public model).",
-)
-@click.option(
-    "--eval-batches",
-    default=16,
-    show_default=True,
-    type=int,
-    help="Held-out batches scored before and after training.",
-)
-@click.option(
-    "--bias-init",
-    default=0.0,
-    show_default=True,
-    type=float,
-    help="Initial router bias b_i (clamped to <= 0).",
-)
-@click.option(
-    "--learn-bias/--no-learn-bias",
-    default=True,
-    show_default=True,
-    help="Train the negative router bias b_i (off: the no-bias ablation).",
-)
-@click.option("--max-tokens", default=None, type=int, help="Use at most this many tokens of data.")
-@click.option(
-    "--checkpoint-every",
-    default=50,
-    show_default=True,
-    type=int,
-    help="Steps between resumable checkpoints.",
-)
-@click.option("--activation-checkpointing", is_flag=True, help="Trade compute for memory.")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (CUDA only).")
+@config_options(TrainConfig, TRAIN_OPTIONS, into="cfg")
 @click.option(
     "--license",
     "license_",
@@ -130,23 +92,7 @@ def train(
     org: str,
     out: Path,
     name: str,
-    max_steps: int,
-    device: str,
-    seed: int,
-    seq_len: int,
-    batch_size: int,
-    micro_batch_size: int | None,
-    lr: float,
-    warmup_steps: int | None,
-    router_init: str,
-    router_init_documents: int,
-    eval_batches: int,
-    bias_init: float,
-    learn_bias: bool,
-    max_tokens: int | None,
-    checkpoint_every: int,
-    activation_checkpointing: bool,
-    compile_: bool,
+    cfg: TrainConfig,
     license_: str,
     sign_: bool,
     key: Path | None,
@@ -158,31 +104,12 @@ def train(
 
     Rerunning the same command after an interruption resumes from the last checkpoint.
     """
-    from flexfed.client.trainer import TrainConfig, train_expert
+    from flexfed.client.trainer import train_expert
 
-    cfg = TrainConfig(
-        seq_len=seq_len,
-        batch_size=batch_size,
-        micro_batch_size=micro_batch_size or batch_size,
-        max_steps=max_steps,
-        lr=lr,
-        warmup_steps=warmup_steps,
-        router_init=router_init,
-        router_init_documents=router_init_documents,
-        eval_batches=eval_batches,
-        bias_init=bias_init,
-        learn_bias=learn_bias,
-        max_tokens=max_tokens,
-        checkpoint_every=checkpoint_every,
-        seed=seed,
-        device=device,
-        activation_checkpointing=activation_checkpointing,
-        compile=compile_,
-    )
     if sign_:
         if key is None or cert is None:
             raise click.UsageError("--sign needs --key and --cert")
-        from flexfed.common.signing import BundleSigner, CertificateOrgMismatchError
+        from flexfed.common.trust.signing import BundleSigner, CertificateOrgMismatchError
 
         signer = BundleSigner(key, cert, chain)  # refuse a bad certificate before training
         signer.check_certificate()
@@ -221,29 +148,14 @@ group.add_command(sign)
 # --- talking to the coordinator --------------------------------------------------------------
 
 
-def _connection_options(command: Any) -> Any:
-    """--coordinator, --ca, --cert and --key (or FLEXFED_COORDINATOR, _CA, _CERT, _KEY)."""
-    options = [
-        click.option("--coordinator", "address", help="HOST:PORT of the coordinator."),
-        click.option(
-            "--ca", type=click.Path(path_type=Path), help="The consortium CA certificate."
-        ),
-        click.option("--cert", type=click.Path(path_type=Path), help="Your certificate."),
-        click.option("--key", type=click.Path(path_type=Path), help="Your private key."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
 def _client(address: str | None, ca: Path | None, cert: Path | None, key: Path | None) -> Any:
-    from flexfed.client.consortium import Connection, ConsortiumClient
+    from flexfed.common.api.consortium import Connection, ConsortiumClient
 
     return ConsortiumClient(Connection.resolve(address, ca, cert, key))
 
 
 @group.command("fetch-anchor")
-@_connection_options
+@connection_options
 @click.option(
     "--out", required=True, type=click.Path(path_type=Path), help="Directory for the anchor."
 )
@@ -263,7 +175,7 @@ def fetch_anchor(
 
 
 @group.command("submit")
-@_connection_options
+@connection_options
 @click.argument("expert_dir", type=click.Path(path_type=Path))
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def submit(
@@ -284,7 +196,7 @@ def submit(
 
 
 @group.command("optout")
-@_connection_options
+@connection_options
 @click.argument("expert_id")
 @click.option("--org", required=True, help="Your organisation (the expert's owner).")
 @click.option("--opt-in", "opt_in", is_flag=True, help="Withdraw an earlier opt-out instead.")
@@ -307,7 +219,7 @@ def optout(
 
 
 @group.command("status")
-@_connection_options
+@connection_options
 @click.option("--org", default="", help="Only this organisation's experts.")
 def status(
     address: str | None, ca: Path | None, cert: Path | None, key: Path | None, org: str
@@ -333,7 +245,7 @@ def _state(state: int) -> str:
 
 
 @group.command("fetch-model")
-@_connection_options
+@connection_options
 @click.option(
     "--out", required=True, type=click.Path(path_type=Path), help="Directory for the model."
 )

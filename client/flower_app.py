@@ -29,18 +29,18 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from flexfed.client.flower_node import NodeSettings
-from flexfed.common.campaign import (
+from flexfed.common.errors import ConfigError, FlexfedError, VerificationError
+from flexfed.common.flower.campaign import (
     EvaluationAnswer,
     TrainingAnswer,
     answer_to_record,
     plan_value,
     read_plan,
 )
-from flexfed.common.errors import ConfigError, FlexfedError, VerificationError
 
 if TYPE_CHECKING:  # imported when used: the ClientApp loads fast
-    from flexfed.client.consortium import ConsortiumClient
-    from flexfed.common.anchor import Anchor
+    from flexfed.common.api.consortium import ConsortiumClient
+    from flexfed.common.formats.anchor import Anchor
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def _run_dir(settings: NodeSettings, msg: Message, plan: dict[str, Any]) -> Path
 
 
 def _client(settings: NodeSettings, plan: dict[str, Any]) -> ConsortiumClient:
-    from flexfed.client.consortium import Connection, ConsortiumClient
+    from flexfed.common.api.consortium import Connection, ConsortiumClient
 
     address = settings.coordinator_for(plan_value(plan, "consortium-address", str))
     return ConsortiumClient(Connection(address, settings.ca, settings.cert, settings.key))
@@ -107,9 +107,10 @@ def _anchor(client: ConsortiumClient, settings: NodeSettings, digest: str = "") 
 
 def _train(msg: Message, context: Context) -> TrainingAnswer:
     from flexfed.client.sign import sign_bundle
-    from flexfed.client.trainer import TrainConfig, train_expert
-    from flexfed.common.bundle import read_expert_meta
-    from flexfed.common.signing import BundleSigner
+    from flexfed.client.trainer import train_expert
+    from flexfed.common.formats.bundle import read_expert_meta
+    from flexfed.common.moe.config import TrainConfig
+    from flexfed.common.trust.signing import BundleSigner
 
     settings = _settings(context)
     plan = read_plan(msg.content)
@@ -152,9 +153,9 @@ def _train(msg: Message, context: Context) -> TrainingAnswer:
 
 
 def _evaluate(msg: Message, context: Context) -> EvaluationAnswer:
-    from flexfed.common.data import find_data_files, read_documents
-    from flexfed.common.evaluation import evaluate_model, held_out
-    from flexfed.common.pki import identity_of, load_certificate
+    from flexfed.common.data.ingest import find_data_files, read_documents
+    from flexfed.common.moe.evaluation import evaluate_model, held_out
+    from flexfed.common.trust.pki import identity_of, load_certificate
 
     settings = _settings(context)
     plan = read_plan(msg.content)

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flexfed.common.ca import KeyExistsError, write_private
 from flexfed.common.errors import ConfigError
+from flexfed.common.flower.node_key import generate_node_key
 
 NODE_CONFIG_KEYS = ("data-path", "cert", "key", "ca", "work-dir", "coordinator", "device")
 
@@ -86,35 +86,6 @@ class NodeSettings:
         if not address:
             raise ConfigError("no Consortium API address: neither the plan nor node-config has one")
         return address
-
-
-def generate_node_key(path: Path) -> tuple[Path, Path]:
-    """Write a Flower node-authentication key: ``path`` (private, OpenSSH, 0600) and ``.pub``.
-
-    ECDSA P-384, the curve Flower's documentation uses; any NIST curve is accepted by 1.42.
-    """
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    public = path.with_name(path.name + ".pub")
-    for existing in (path, public):
-        if existing.exists():
-            raise KeyExistsError(f"{existing} exists; not overwriting a node key")
-    key = ec.generate_private_key(ec.SECP384R1())
-    private_bytes = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.OpenSSH,
-        serialization.NoEncryption(),
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_private(path, private_bytes)
-    public.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        )
-        + b"\n"
-    )
-    return path, public
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,20 +24,8 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import PreTrainedModel
 
 from flexfed.common.errors import ConfigError, DeviceError
-
-if TYPE_CHECKING:
-    from flexfed.client.trainer import TrainConfig
-
-
-def resolve_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise DeviceError(
-            "--device cuda was requested but no CUDA device is available; use --device cpu"
-        )
-    return torch.device(requested)
-
+from flexfed.common.moe.config import TrainConfig
+from flexfed.common.moe.recipe import resolve_device
 
 # NOTE: every collective waits at most this long, so a rank that dies or hangs without torchrun
 # noticing (torchrun itself stops all ranks as soon as one exits with an error) cannot block

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 import click
 
 if TYPE_CHECKING:  # imported when used: `flexfed client --help` stays fast
-    from flexfed.common.pki import PathLike
-    from flexfed.common.signing import SignedBundle
+    from flexfed.common.trust.pki import PathLike
+    from flexfed.common.trust.signing import SignedBundle
 
 
 def sign_bundle(
@@ -35,7 +35,7 @@ def sign_bundle(
     against that CA before returning, so a bundle that the coordinator would refuse for its
     signature never leaves the machine.
     """
-    from flexfed.common.signing import BundleSigner, BundleVerifier
+    from flexfed.common.trust.signing import BundleSigner, BundleVerifier
 
     signer = BundleSigner(key, cert, chain)
     signed = signer.sign(bundle_dir)

@@ -20,8 +20,8 @@ from types import FrameType
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from flexfed.common.api.tls import CHANNEL_OPTIONS, server_credentials
 from flexfed.common.errors import ConfigError
-from flexfed.common.tls import CHANNEL_OPTIONS, server_credentials
 from flexfed.proto.v1 import audit_pb2_grpc, registry_pb2_grpc
 from flexfed.server.audit_service import AuditServicer
 from flexfed.server.auth import Authorizer

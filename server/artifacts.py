@@ -20,7 +20,7 @@ holds only its own thread; no lock is held while waiting for a client. The serve
 therefore be built with a pool sized for the expected concurrent transfers and the same
 bound as ``maximum_concurrent_rpcs`` (so that calls beyond it are refused with
 ``RESOURCE_EXHAUSTED`` at once instead of queueing behind stalled ones), and keepalive
-options so that dead peers are noticed; clients (:mod:`flexfed.client.transfer`) cancel a
+options so that dead peers are noticed; clients (:mod:`flexfed.common.api.transfer`) cancel a
 stream that makes no progress within their deadline and resume it. The server cancels a
 stream that makes no progress for ``idle_seconds`` (``limits.stream_idle_seconds``)
 itself, whatever deadline the client chose: otherwise as many stalled streams as there are
@@ -36,9 +36,9 @@ from typing import NoReturn
 
 import grpc
 
-from flexfed.common.artifact_tar import ArtifactInfo, ArtifactKind
 from flexfed.common.errors import DigestMismatchError, FlexfedError, InvalidInputError
-from flexfed.common.watchdog import IdleWatchdog
+from flexfed.common.formats.archive import ArtifactInfo, ArtifactKind
+from flexfed.common.util.watchdog import IdleWatchdog
 from flexfed.proto.v1 import artifact_pb2, artifact_pb2_grpc
 from flexfed.server.auth import Authorizer, Caller, abort, status_of
 from flexfed.server.config import DEFAULT_STREAM_IDLE_SECONDS

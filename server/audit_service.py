@@ -1,8 +1,8 @@
 """``AuditService``: the transparency log as auditors read it (any member may).
 
-Everything here is checkable offline with :mod:`flexfed.common.translog` and the log's public
+Everything here is checkable offline with :mod:`flexfed.common.translog.log` and the log's public
 key: signed checkpoints of the current tree, inclusion and consistency proofs (RFC 9162), and
-the raw entries in pages, from which :mod:`flexfed.common.remote_log` rebuilds the tree.
+the raw entries in pages, from which :mod:`flexfed.common.api.remote_log` rebuilds the tree.
 Reads take the coordinator's lock only long enough to see one consistent log size.
 """
 

@@ -2,7 +2,7 @@
 
 gRPC's TLS layer already refuses a client without a certificate signed by the CA (the server
 requires client authentication). :class:`Authorizer` then reads the verified peer certificate
-of each call, checks it again with flexfed's own rules (:func:`flexfed.common.pki.verify_chain`:
+of each call, checks it again with flexfed's own rules (:func:`flexfed.common.trust.pki.verify_chain`:
 key usage, role, validity and the current CRL, so a revoked certificate is refused even while
 its TLS session lives on), and enforces which roles may call what:
 
@@ -17,7 +17,6 @@ or the wrong role) and otherwise returns the :class:`Caller`.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import threading
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from flexfed.common.errors import (
     TransferError,
     VerificationError,
 )
-from flexfed.common.pki import (
+from flexfed.common.trust.pki import (
     CertificateError,
     CertificateRevokedError,
     CertificateRoleError,
@@ -44,6 +43,7 @@ from flexfed.common.pki import (
     load_crl,
     verify_chain,
 )
+from flexfed.common.util.clock import utc_now
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class Authorizer:
     def identify(self, pem: bytes) -> Caller:
         """The caller behind a PEM certificate; raises :class:`CertificateError` if unusable."""
         cert = x509.load_pem_x509_certificate(pem)
-        identity = verify_chain(cert, self.ca, dt.datetime.now(dt.UTC), self._current_crl())
+        identity = verify_chain(cert, self.ca, utc_now(), self._current_crl())
         return Caller(org=identity.org, role=identity.role, serial=identity.serial_hex)
 
     def caller(self, context: grpc.ServicerContext) -> Caller:

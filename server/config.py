@@ -4,7 +4,7 @@ A coordinator directory has a fixed layout (written by ``flexfed coordinator ini
 
     DIR/coordinator.toml   this configuration
     DIR/registry.db        the registry (SQLite by default; ``database`` may name any URL)
-    DIR/log/tlog           the transparency log (flexfed.common.translog.FileLog)
+    DIR/log/tlog           the transparency log (flexfed.common.translog.log.FileLog)
     DIR/log/log-key.pem    the log's P-256 signing key (mode 0600)
     DIR/log/log-key.pub.pem   its public key, for auditors
     DIR/store/             the content-addressed artifact store
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from flexfed.common.errors import ConfigError, MissingFileError
-from flexfed.common.translog import Checkpoint, CheckpointFormatError
+from flexfed.common.translog.log import Checkpoint, CheckpointFormatError
 
 CONFIG_FILE = "coordinator.toml"
 CONFIG_FORMAT = "flexfed.coordinator/v1"
@@ -57,7 +57,7 @@ class Limits:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"limits.{name} must be a positive integer, got {value!r}")
-        # NOTE: a chunk travels in one gRPC message; flexfed.common.tls caps messages at 8 MiB.
+        # NOTE: a chunk travels in one gRPC message; flexfed.common.api.tls caps messages at 8 MiB.
         if self.max_chunk_bytes > 4 << 20:
             raise ConfigError("limits.max_chunk_bytes must be at most 4 MiB (4194304)")
         if not isinstance(self.grace_seconds, int | float) or self.grace_seconds < 0:

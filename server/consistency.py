@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flexfed.common.checkpoint import read_json
-from flexfed.common.translog import parse_entry
+from flexfed.common.formats.checkpoint import read_json
+from flexfed.common.translog.log import parse_entry
 from flexfed.server.coordinator import Coordinator
 from flexfed.server.lifecycle import finish_release, release_dir
 from flexfed.server.pipeline import record_of

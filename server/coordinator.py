@@ -12,7 +12,6 @@ the log order and the registry never disagree between two calls.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 import shutil
@@ -26,13 +25,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from flexfed.common.anchor import Anchor, open_anchor
-from flexfed.common.artifact_tar import ArtifactKind, extract_archive
-from flexfed.common.ca import private_pem, write_private
 from flexfed.common.errors import ConfigError, MissingFileError
-from flexfed.common.pki import CertificateError, load_certificate, load_crl, verify_chain
-from flexfed.common.signing import load_private_key
-from flexfed.common.translog import FileLog, SignedCheckpoint
+from flexfed.common.formats.anchor import Anchor, open_anchor
+from flexfed.common.formats.archive import ArtifactKind, extract_archive
+from flexfed.common.translog.log import FileLog, SignedCheckpoint
+from flexfed.common.trust.ca import private_pem
+from flexfed.common.trust.pki import CertificateError, load_certificate, load_crl, verify_chain
+from flexfed.common.trust.signing import load_private_key
+from flexfed.common.util.clock import utc_now
+from flexfed.common.util.fs import write_private
 from flexfed.server.config import (
     CONFIG_FILE,
     DEFAULT_DATABASE,
@@ -64,7 +65,7 @@ def _check_tls(tls: TlsFiles) -> None:
     cert = load_certificate(tls.cert)
     crl = load_crl(tls.crl) if tls.crl else None
     try:
-        verify_chain(cert, ca, dt.datetime.now(dt.UTC), crl, roles=("operator",))
+        verify_chain(cert, ca, utc_now(), crl, roles=("operator",))
     except CertificateError as err:
         raise ConfigError(
             f"{tls.cert} cannot be the coordinator's identity: {err} (issue an operator "

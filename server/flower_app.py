@@ -21,7 +21,8 @@ from flwr.app import Context, Message
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
-from flexfed.common.campaign import (
+from flexfed.common.errors import FlexfedError
+from flexfed.common.flower.campaign import (
     FAILED,
     MESSAGE_TYPES,
     OK,
@@ -34,7 +35,6 @@ from flexfed.common.campaign import (
     TrainingAnswer,
     answer_from_record,
 )
-from flexfed.common.errors import FlexfedError
 
 log = logging.getLogger(__name__)
 

@@ -3,13 +3,13 @@
 Every change is logged first and then written to the registry, under the coordinator's lock
 (as submissions are), so :func:`flexfed.server.consistency.recover` can finish any change a
 crash interrupted from the log alone. The events have the shapes of
-:mod:`flexfed.common.log_events` (what :func:`~flexfed.common.audit.audit_model` reads) plus the
+:mod:`flexfed.common.trust.log_events` (what :func:`~flexfed.common.trust.audit.audit_model` reads) plus the
 ``expert_id`` the registry is keyed by:
 
 - ``opt-out`` / ``opt-in``: the owner's signed statement, its signature and certificate, so
   anyone reading the log can check that the owner asked;
 - ``revocation``: by the operator, with a reason; final;
-- ``assembly-released``: written by :func:`~flexfed.common.release.record_release`.
+- ``assembly-released``: written by :func:`~flexfed.common.trust.release.record_release`.
 
 A release assembles every accepted expert (or the ones named) in acceptance order, in a
 staging directory, records it in the log, signs it as the coordinator, and only then puts the
@@ -28,14 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flexfed.common.artifact_tar import ArtifactKind, extract_archive
-from flexfed.common.assembly import ASSEMBLY_FILE, DEFAULT_TOP_K, assemble
-from flexfed.common.checkpoint import read_json
 from flexfed.common.errors import AssemblyError, InvalidInputError
-from flexfed.common.log_events import opt_out_event
-from flexfed.common.owner_request import SignedOwnerRequest, verify_owner_request
-from flexfed.common.release import RELEASE_SIGNATURE, record_release, sign_release
-from flexfed.common.translog import parse_entry
+from flexfed.common.formats.archive import ArtifactKind, extract_archive
+from flexfed.common.formats.checkpoint import read_json
+from flexfed.common.moe.assembly import ASSEMBLY_FILE, DEFAULT_TOP_K, assemble
+from flexfed.common.translog.log import parse_entry
+from flexfed.common.trust.log_events import opt_out_event
+from flexfed.common.trust.owner_request import SignedOwnerRequest, verify_owner_request
+from flexfed.common.trust.release import RELEASE_SIGNATURE, record_release, sign_release
+from flexfed.common.util.clock import utc_now_iso
 from flexfed.server.coordinator import Coordinator
 from flexfed.server.failpoints import failpoint
 from flexfed.server.pipeline import CallerOrgError
@@ -43,7 +44,6 @@ from flexfed.server.registry import (
     ExpertRecord,
     ExpertState,
     ReleaseRecord,
-    utc_now,
 )
 
 logger = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def revoke(coordinator: Coordinator, expert_id: str, reason: str, operator: str)
         expert = c.registry.require_expert(expert_id)
         if expert.state is ExpertState.REVOKED:
             return Change(expert, expert.state_log_index, logged=False)
-        time = utc_now()
+        time = utc_now_iso()
         index = c.log.append(
             _event("revocation", expert, time, reason=reason or "unspecified", signer=operator)
         )
@@ -216,4 +216,4 @@ def finish_release(
 
 
 def _release_time(c: Coordinator, index: int) -> str:
-    return str(parse_entry(c.log.entry(index)).get("time") or utc_now())
+    return str(parse_entry(c.log.entry(index)).get("time") or utc_now_iso())

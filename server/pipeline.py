@@ -4,9 +4,9 @@
 
 1. extracts it from the store into a fresh staging directory (safely: no links, no escaping
    paths, bounded size);
-2. validates it against the consortium's anchor (:func:`~flexfed.common.validation.
+2. validates it against the consortium's anchor (:func:`~flexfed.common.formats.bundle.
    validate_bundle`, the one structural gate);
-3. verifies it (:class:`~flexfed.common.signing.BundleVerifier`: signature, chain to the CA,
+3. verifies it (:class:`~flexfed.common.trust.signing.BundleVerifier`: signature, chain to the CA,
    the CRL as it is now, owner role, expert.json's org = the signer's, the anchor digest,
    provenance), and requires the signer's org to be the caller's (an operator may submit for
    anyone);
@@ -29,8 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from flexfed.common.artifact_tar import ArtifactKind, extract_archive, parse_digest
-from flexfed.common.bundle import MAX_META_BYTES
 from flexfed.common.errors import (
     AnchorMismatchError,
     BundleError,
@@ -42,19 +40,26 @@ from flexfed.common.errors import (
     TensorMismatchError,
     VerificationError,
 )
-from flexfed.common.log_events import accepted_event
-from flexfed.common.pki import CertificateError, CertificateRevokedError, CrlError
-from flexfed.common.provenance import ProvenanceError
-from flexfed.common.signing import (
+from flexfed.common.formats.archive import ArtifactKind, extract_archive, parse_digest
+from flexfed.common.formats.bundle import (
+    MAX_ATTESTATION_BYTES,
+    MAX_META_BYTES,
+    max_weights_bytes,
+    validate_bundle,
+)
+from flexfed.common.trust.log_events import accepted_event
+from flexfed.common.trust.pki import CertificateError, CertificateRevokedError, CrlError
+from flexfed.common.trust.provenance import ProvenanceError
+from flexfed.common.trust.signing import (
     AnchorDigestMismatchError,
     BundleVerifier,
     SignerOrgMismatchError,
     VerifiedBundle,
 )
-from flexfed.common.validation import MAX_ATTESTATION_BYTES, max_weights_bytes, validate_bundle
+from flexfed.common.util.clock import utc_now_iso
 from flexfed.server.coordinator import Coordinator
 from flexfed.server.failpoints import failpoint
-from flexfed.server.registry import ExpertRecord, ExpertState, utc_now
+from flexfed.server.registry import ExpertRecord, ExpertState
 from flexfed.server.store import UnknownArtifactError
 
 logger = logging.getLogger(__name__)
@@ -249,7 +254,7 @@ class SubmissionPipeline:
 
     def _accept(self, verified: VerifiedBundle, digest: str) -> Submission:
         c = self.coordinator
-        event = acceptance_event(verified, digest, utc_now())
+        event = acceptance_event(verified, digest, utc_now_iso())
         with c.lock:
             index = c.log.append(event)  # durable first: recovery rebuilds the row from it
             failpoint("submit-after-log")  # crash tests: logged, no registry row yet

@@ -9,7 +9,6 @@ opens its own session). Records leave as frozen dataclasses, never as live ORM o
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 from collections.abc import Iterator
@@ -309,8 +308,3 @@ class Registry:
     def next_version(self) -> int:
         releases = self.releases()
         return releases[-1].version + 1 if releases else 1
-
-
-def utc_now() -> str:
-    """Now as RFC 3339 UTC with seconds, the registry's and the log's time format."""
-    return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()

@@ -20,13 +20,13 @@ from typing import TypeVar
 import grpc
 
 from flexfed.common.errors import FlexfedError
-from flexfed.common.owner_request import (
+from flexfed.common.trust.owner_request import (
     MalformedOwnerRequestError,
     OwnerRequestError,
     SignedOwnerRequest,
 )
-from flexfed.common.pki import CertificateError, CrlError
-from flexfed.common.release import ReleaseStateError
+from flexfed.common.trust.pki import CertificateError, CrlError
+from flexfed.common.trust.release import ReleaseStateError
 from flexfed.proto.v1 import audit_pb2, registry_pb2, registry_pb2_grpc
 from flexfed.server.auth import Authorizer, Caller, abort, status_of
 from flexfed.server.coordinator import Coordinator

@@ -40,20 +40,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from flexfed.common.artifact_tar import (
-    ArtifactInfo,
-    ArtifactKind,
-    format_digest,
-    fsync_dir,
-    pack_directory,
-    parse_digest,
-    sha256_stream,
-)
 from flexfed.common.errors import (
     DigestMismatchError,
     InvalidInputError,
     TransferError,
 )
+from flexfed.common.formats.archive import (
+    ArtifactInfo,
+    ArtifactKind,
+    format_digest,
+    pack_directory,
+    parse_digest,
+    stream_digest,
+)
+from flexfed.common.util.clock import utc_now, utc_now_iso
+from flexfed.common.util.fs import atomic_write_bytes, fsync_dir, is_temporary
 from flexfed.server.failpoints import failpoint
 
 log = logging.getLogger(__name__)
@@ -133,22 +134,8 @@ class _Upload:
     created: str
 
 
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-
-
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f"{_TMP}{secrets.token_hex(8)}-{path.name}")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            json.dump(data, f, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    atomic_write_bytes(path, json.dumps(data, sort_keys=True).encode("utf-8"))
 
 
 class ArtifactStore:
@@ -228,7 +215,7 @@ class ArtifactStore:
                 if record.digest == digest and record.owner == owner:
                     self._check_same(ArtifactInfo(digest, record.kind, record.size), kind, size)
                     return self._state(record)
-            record = _Upload(secrets.token_hex(16), kind, size, digest, owner, _now())
+            record = _Upload(secrets.token_hex(16), kind, size, digest, owner, utc_now_iso())
             _write_json_atomic(
                 self._meta_path(record.upload_id), asdict(record) | {"kind": kind.name}
             )
@@ -326,7 +313,7 @@ class ArtifactStore:
                     offset=offset,
                 )
             with open(part, "rb") as f:
-                actual, _ = sha256_stream(f)
+                actual, _ = stream_digest(f)
             if actual != record.digest:
                 self._discard(upload_id)
                 raise DigestMismatchError(
@@ -360,7 +347,7 @@ class ArtifactStore:
             tmp.unlink(missing_ok=True)
 
     def put_directory(self, src: Path, kind: ArtifactKind) -> ArtifactInfo:
-        """Pack a directory (:func:`~flexfed.common.artifact_tar.pack_directory`) into the
+        """Pack a directory (:func:`~flexfed.common.formats.archive.pack_directory`) into the
         store, e.g. the anchor or an assembled model."""
         tmp = self.blobs / f"{_TMP}{secrets.token_hex(8)}"
         try:
@@ -386,7 +373,7 @@ class ArtifactStore:
         coming back later starts over). Returns what was removed.
         """
         removed: list[Path] = []
-        now = dt.datetime.now(dt.UTC)
+        now = utc_now()
         cutoff = now - keep_finished
         stale = (now - abandon_after).timestamp()
         with self._lock:
@@ -403,7 +390,7 @@ class ArtifactStore:
                     del self._records[upload_id]
             for folder in (self.blobs, self.uploads):
                 for path in folder.iterdir():
-                    if path.name.startswith(_TMP) or path.name.startswith(f".{_TMP}"):
+                    if path.name.startswith((_TMP, f".{_TMP}")) or is_temporary(path.name):
                         removed.append(path)
             for meta in self.blobs.glob("*.json"):
                 if not (self.blobs / meta.stem).exists():
@@ -496,7 +483,7 @@ class ArtifactStore:
             if blob.exists():  # stored meanwhile (another owner, the same bytes): keep that
                 src.unlink(missing_ok=True)
             else:
-                meta = {"digest": digest, "kind": kind.name, "size": size, "created": _now()}
+                meta = {"digest": digest, "kind": kind.name, "size": size, "created": utc_now_iso()}
                 _write_json_atomic(self.blobs / f"{hexd}.json", meta)
                 os.chmod(src, 0o444)
                 os.rename(src, blob)

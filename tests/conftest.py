@@ -16,12 +16,12 @@ import pytest
 import torch
 from consortium import Consortium, Member, Pki
 
-from flexfed.common.anchor import Anchor
-from flexfed.common.bundle import ExpertMeta, write_bundle
-from flexfed.common.ca import generate_key_and_csr, issue_certificate
-from flexfed.common.tiny import build_anchor
-from flexfed.common.tls import CHANNEL_OPTIONS, server_credentials
-from flexfed.common.training_model import build_training_model, extract_expert
+from flexfed.common.api.tls import CHANNEL_OPTIONS, server_credentials
+from flexfed.common.formats.anchor import Anchor
+from flexfed.common.formats.bundle import ExpertMeta, write_bundle
+from flexfed.common.moe.training_model import build_training_model, extract_expert
+from flexfed.common.public.tiny import build_anchor
+from flexfed.common.trust.ca import generate_key_and_csr, issue_certificate
 
 FAMILIES = ["olmo2", "llama"]
 

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import grpc
 
-from flexfed.common.ca import generate_key_and_csr, init_ca, issue_certificate
-from flexfed.common.tls import secure_channel
+from flexfed.common.api.tls import secure_channel
+from flexfed.common.trust.ca import generate_key_and_csr, init_ca, issue_certificate
 
 if TYPE_CHECKING:
     from flexfed.server.auth import Authorizer

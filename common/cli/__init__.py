@@ -21,19 +21,19 @@ from flexfed.common.errors import FlexfedError
 
 # name -> "module:attribute" of a click command or group
 SUBCOMMANDS: dict[str, str] = {
-    "anchor": "flexfed.common.cli.anchor:group",
+    "anchor": "flexfed.server.cli.anchor:group",
     "assemble": "flexfed.common.cli.assemble:command",
     "optout": "flexfed.common.cli.optout:command",
     "inspect": "flexfed.common.cli.inspect:command",
     "eval": "flexfed.common.cli.eval:command",
-    "demo": "flexfed.common.cli.demo:command",
+    "demo": "flexfed.server.demo.cli:command",
     "corpora": "flexfed.common.cli.corpora:command",
     "client": "flexfed.client.cli:group",
-    "ca": "flexfed.common.cli.ca:group",
+    "ca": "flexfed.server.cli.ca:group",
     "public": "flexfed.common.cli.public:group",
-    "release": "flexfed.common.cli.release:group",
+    "release": "flexfed.server.cli.release:group",
     "audit": "flexfed.common.cli.audit:group",
-    "coordinator": "flexfed.common.cli.coordinator:group",
+    "coordinator": "flexfed.server.cli.coordinator:group",
 }
 
 _state = {"verbose": False}

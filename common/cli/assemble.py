@@ -6,12 +6,18 @@ from pathlib import Path
 
 import click
 
-from flexfed.common.anchor import open_anchor
-from flexfed.common.assembly import DEFAULT_TOP_K, assemble, expert_slot, public_slot, total_bytes
-from flexfed.common.checkpoint import DEFAULT_MAX_SHARD_BYTES
 from flexfed.common.cli.options import parse_size
-from flexfed.common.progress import byte_progress
-from flexfed.common.validation import validate_bundle
+from flexfed.common.formats.anchor import open_anchor
+from flexfed.common.formats.bundle import validate_bundle
+from flexfed.common.formats.checkpoint import DEFAULT_MAX_SHARD_BYTES
+from flexfed.common.moe.assembly import (
+    DEFAULT_TOP_K,
+    assemble,
+    expert_slot,
+    public_slot,
+    total_bytes,
+)
+from flexfed.common.util.progress import byte_progress
 
 
 @click.command("assemble")

@@ -88,9 +88,9 @@ def _run(
     at: str | None,
     workdir: Path | None,
 ) -> Any:
-    from flexfed.common.anchor import open_anchor
-    from flexfed.common.audit import audit_model, public_key_of
-    from flexfed.common.remote_log import is_remote, open_remote_log
+    from flexfed.common.api.remote_log import is_remote, open_remote_log
+    from flexfed.common.formats.anchor import open_anchor
+    from flexfed.common.trust.audit import audit_model, public_key_of
 
     reader: Any = log
     if log is not None and is_remote(log):

@@ -25,7 +25,7 @@ def command(domains: tuple[str, ...], out: Path, chars: int) -> None:
     Sources are on the machine (CPython's files, Debian's base files, changelogs and manual
     pages) or generated; licenses are in the manifest and docs/data-sources.md.
     """
-    from flexfed.common.corpora import CLOSED_DOMAINS, prepare
+    from flexfed.common.data.corpora import CLOSED_DOMAINS, prepare
 
     names = list(domains) or ["public", *CLOSED_DOMAINS]
     manifest = prepare(names, out, chars)

@@ -45,8 +45,8 @@ def command(
     quiet: bool,
 ) -> None:
     """Evaluate MODEL on each domain's held-out data; print loss and perplexity."""
-    from flexfed.common.data import find_data_files, read_documents
-    from flexfed.common.evaluation import evaluate_model
+    from flexfed.common.data.ingest import find_data_files, read_documents
+    from flexfed.common.moe.evaluation import evaluate_model
 
     domains: dict[str, list[str]] = {}
     for spec in data:
@@ -59,8 +59,8 @@ def command(
         click.echo(f"{name:<16} {r['loss']:>8.4f} {r['ppl']:>10.2f} {r['tokens']:>9}")
     doc: dict[str, object] = {"model": str(model), "domains": results}
     if routing_png is not None:
-        from flexfed.common.evaluation import routing_statistics, write_routing_heatmap
-        from flexfed.common.optout import AssembledModel
+        from flexfed.common.moe.evaluation import routing_statistics, write_routing_heatmap
+        from flexfed.common.moe.optout import AssembledModel
 
         stats = routing_statistics(model, domains, seq_len)
         slots = AssembledModel(model).slots

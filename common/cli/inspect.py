@@ -8,15 +8,15 @@ from typing import Any
 
 import click
 
-from flexfed.common.anchor import ANCHOR_FILE, ExpertShapes, open_anchor
-from flexfed.common.assembly import ASSEMBLY_FILE
-from flexfed.common.bundle import EXPERT_META, EXPERT_WEIGHTS, ExpertMeta
-from flexfed.common.checkpoint import Checkpoint, read_json
-from flexfed.common.digest import sha256_file
 from flexfed.common.errors import MissingFileError
-from flexfed.common.families import family_of_config
-from flexfed.common.optout import AssembledModel
-from flexfed.common.safetensors_io import read_header
+from flexfed.common.formats.anchor import ANCHOR_FILE, ExpertShapes, open_anchor
+from flexfed.common.formats.bundle import EXPERT_META, EXPERT_WEIGHTS, ExpertMeta
+from flexfed.common.formats.checkpoint import Checkpoint, read_json
+from flexfed.common.formats.families import family_of_config
+from flexfed.common.formats.safetensors_io import read_header
+from flexfed.common.moe.assembly import ASSEMBLY_FILE
+from flexfed.common.moe.optout import AssembledModel
+from flexfed.common.util.digest import sha256_file
 
 
 def describe(path: Path) -> dict[str, Any]:

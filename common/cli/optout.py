@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
-from flexfed.common.checkpoint import DEFAULT_MAX_SHARD_BYTES
 from flexfed.common.cli.options import parse_size
-from flexfed.common.optout import AssembledModel, optout
-from flexfed.common.progress import byte_progress
+from flexfed.common.formats.checkpoint import DEFAULT_MAX_SHARD_BYTES
+from flexfed.common.moe.optout import AssembledModel, optout
+from flexfed.common.util.progress import byte_progress
 
 
 @click.command("optout")

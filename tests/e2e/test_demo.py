@@ -13,7 +13,7 @@ public-model seeds 0-2 and owner seeds 0-1 of the quick preset:
   most 0.39 (math: the legal expert also fires on arithmetic); legal's lead was never below
   0.35. ``OPTOUT_MARGIN`` = 0.15 is 2.5 standard errors of legal's move (0.06) and under
   half the smallest lead seen;
-- the public domain lost 0.22-0.28 nats (no router tuning; see server/demo.py).
+- the public domain lost 0.22-0.28 nats (no router tuning; see server/demo/local.py).
   ``PUBLIC_LOSS_BOUND`` = 0.5 fails the recipes that swamp public text (0.78 was measured
   for experts trained at lr 1e-2).
 """

@@ -8,8 +8,8 @@ import grpc
 import pytest
 from consortium import Consortium, Pki
 
-from flexfed.common.ca import revoke
-from flexfed.common.tls import CHANNEL_OPTIONS
+from flexfed.common.api.tls import CHANNEL_OPTIONS
+from flexfed.common.trust.ca import revoke
 from flexfed.proto.v1 import audit_pb2, audit_pb2_grpc
 from flexfed.server.auth import Authorizer
 

@@ -26,11 +26,11 @@ from consortium import Consortium
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flexfed.client.sign import sign_bundle
-from flexfed.client.transfer import upload_artifact
-from flexfed.common.anchor import Anchor
-from flexfed.common.artifact_tar import ArtifactKind, parse_digest
+from flexfed.common.api.transfer import upload_artifact
 from flexfed.common.cli import cli
-from flexfed.common.translog import FileLog, parse_entry
+from flexfed.common.formats.anchor import Anchor
+from flexfed.common.formats.archive import ArtifactKind, parse_digest
+from flexfed.common.translog.log import FileLog, parse_entry
 from flexfed.proto.v1 import registry_pb2, registry_pb2_grpc
 from flexfed.server.config import load_config
 

@@ -47,15 +47,15 @@ from click.testing import CliRunner
 from conftest import build_small_anchor, make_expert_bundle
 from consortium import Consortium, Member
 
-from flexfed.client.consortium import Connection, ConsortiumClient
 from flexfed.client.sign import sign_bundle
-from flexfed.client.transfer import download_artifact, upload_artifact
-from flexfed.common.anchor import Anchor
-from flexfed.common.artifact_tar import ArtifactKind, pack_directory, parse_digest
-from flexfed.common.audit import audit_model
-from flexfed.common.checkpoint import read_json
+from flexfed.common.api.consortium import Connection, ConsortiumClient
+from flexfed.common.api.transfer import download_artifact, upload_artifact
 from flexfed.common.cli import cli
-from flexfed.common.translog import FileLog, parse_entry
+from flexfed.common.formats.anchor import Anchor
+from flexfed.common.formats.archive import ArtifactKind, pack_directory, parse_digest
+from flexfed.common.formats.checkpoint import read_json
+from flexfed.common.translog.log import FileLog, parse_entry
+from flexfed.common.trust.audit import audit_model
 from flexfed.proto.v1 import (
     artifact_pb2,
     artifact_pb2_grpc,

@@ -28,9 +28,9 @@ from pathlib import Path
 import pytest
 from consortium import Consortium, Member
 
-from flexfed.client.consortium import Connection, ConsortiumClient
-from flexfed.common.optout import AssembledModel
-from flexfed.common.tiny import build_anchor
+from flexfed.common.api.consortium import Connection, ConsortiumClient
+from flexfed.common.moe.optout import AssembledModel
+from flexfed.common.public.tiny import build_anchor
 from flexfed.server.config import load_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

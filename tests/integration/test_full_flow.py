@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 from consortium import Consortium, Member
 
-from flexfed.common.optout import AssembledModel
-from flexfed.common.tiny import build_anchor
+from flexfed.common.moe.optout import AssembledModel
+from flexfed.common.public.tiny import build_anchor
 from flexfed.server.config import load_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

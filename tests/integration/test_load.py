@@ -2,7 +2,7 @@
 
 A real ``flexfed coordinator serve`` subprocess; eight organisations certified by the
 consortium CA, each with its own mutual-TLS channel in its own thread, upload and submit a
-signed tiny expert at the same moment (``flexfed.client.consortium.ConsortiumClient``, which
+signed tiny expert at the same moment (``flexfed.common.api.consortium.ConsortiumClient``, which
 also checks each acceptance's inclusion proof). Before they start, stalled clients hold every
 one of the server's worker threads with Upload streams of a 10-minute deadline: seven that
 never send a chunk and one that sends one and goes silent.
@@ -37,11 +37,11 @@ from click.testing import CliRunner
 from conftest import make_expert_bundle
 from consortium import Consortium, Member
 
-from flexfed.client.consortium import Connection, ConsortiumClient
 from flexfed.client.sign import sign_bundle
-from flexfed.common.anchor import Anchor
+from flexfed.common.api.consortium import Connection, ConsortiumClient
 from flexfed.common.cli import cli
-from flexfed.common.translog import (
+from flexfed.common.formats.anchor import Anchor
+from flexfed.common.translog.log import (
     SignedCheckpoint,
     leaf_hash,
     load_public_key,

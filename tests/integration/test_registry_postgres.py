@@ -35,9 +35,9 @@ from consortium import Member, Pki
 # The unit tests of the registry, run again below against PostgreSQL.
 from unit import test_registry as unit
 
-from flexfed.common.anchor import Anchor
 from flexfed.common.cli import cli
 from flexfed.common.errors import ConfigError
+from flexfed.common.formats.anchor import Anchor
 from flexfed.server.consistency import check
 from flexfed.server.coordinator import Coordinator, init_coordinator
 from flexfed.server.pipeline import SubmissionPipeline

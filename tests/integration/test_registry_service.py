@@ -25,11 +25,7 @@ from conftest import make_expert_bundle
 from consortium import Consortium, Member
 
 from flexfed.client.sign import sign_bundle
-from flexfed.client.transfer import download_artifact, upload_artifact
-from flexfed.common.anchor import Anchor
-from flexfed.common.artifact_tar import ArtifactKind
-from flexfed.common.audit import audit_model
-from flexfed.common.ca import revoke
+from flexfed.common.api.transfer import download_artifact, upload_artifact
 from flexfed.common.errors import (
     AnchorMismatchError,
     BundleError,
@@ -40,9 +36,10 @@ from flexfed.common.errors import (
     SafetensorsFormatError,
     TensorMismatchError,
 )
-from flexfed.common.owner_request import sign_owner_request
-from flexfed.common.signing import BundleVerifier
-from flexfed.common.translog import (
+from flexfed.common.formats.anchor import Anchor
+from flexfed.common.formats.archive import ArtifactKind
+from flexfed.common.formats.bundle import validate_bundle
+from flexfed.common.translog.log import (
     SignedCheckpoint,
     leaf_hash,
     load_public_key,
@@ -51,7 +48,10 @@ from flexfed.common.translog import (
     verify_consistency,
     verify_inclusion,
 )
-from flexfed.common.validation import validate_bundle
+from flexfed.common.trust.audit import audit_model
+from flexfed.common.trust.ca import revoke
+from flexfed.common.trust.owner_request import sign_owner_request
+from flexfed.common.trust.signing import BundleVerifier
 from flexfed.proto.v1 import audit_pb2, audit_pb2_grpc, registry_pb2, registry_pb2_grpc
 from flexfed.server.app import build_server
 from flexfed.server.coordinator import Coordinator, init_coordinator

@@ -14,14 +14,14 @@ import grpc
 import pytest
 from consortium import Consortium, Member
 
-from flexfed.client.transfer import (
+from flexfed.common.api.transfer import (
     ArtifactNotFoundError,
     TransferRefusedError,
     download_artifact,
     upload_artifact,
 )
-from flexfed.common.artifact_tar import ArtifactKind, pack_directory
 from flexfed.common.errors import DigestMismatchError
+from flexfed.common.formats.archive import ArtifactKind, pack_directory
 from flexfed.proto.v1 import artifact_pb2, artifact_pb2_grpc
 from flexfed.server.artifacts import ArtifactServicer
 from flexfed.server.auth import abort

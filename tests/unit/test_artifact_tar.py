@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from flexfed.common.artifact_tar import (
+from flexfed.common.errors import InvalidInputError
+from flexfed.common.formats.archive import (
     DestinationExistsError,
     MalformedDigestError,
     UnsafeArchiveError,
@@ -18,8 +19,7 @@ from flexfed.common.artifact_tar import (
     pack_directory,
     parse_digest,
 )
-from flexfed.common.digest import sha256_file
-from flexfed.common.errors import InvalidInputError
+from flexfed.common.util.digest import sha256_file
 
 
 def make_tree(root: Path) -> Path:

@@ -35,8 +35,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from safetensors.torch import save_file
 
 from flexfed.client.sign import sign_bundle
-from flexfed.common.anchor import Anchor
-from flexfed.common.assembly import (
+from flexfed.common.cli import main
+from flexfed.common.formats.anchor import Anchor
+from flexfed.common.formats.bundle import EXPERT_META, EXPERT_WEIGHTS, PROVENANCE, SIGNATURE
+from flexfed.common.formats.safetensors_io import load_tensors, save_tensors
+from flexfed.common.moe.assembly import (
     ASSEMBLY_FILE,
     PROVENANCE_DIR,
     ROUTER_BIAS_FILE,
@@ -44,18 +47,15 @@ from flexfed.common.assembly import (
     assemble,
     rebuild_expert_weights,
 )
-from flexfed.common.audit import AuditReport, Reason, audit_model
-from flexfed.common.bundle import EXPERT_META, EXPERT_WEIGHTS, PROVENANCE, SIGNATURE
-from flexfed.common.ca import generate_key_and_csr, init_ca, issue_certificate, revoke
-from flexfed.common.checkpoint import write_json
-from flexfed.common.cli import main
-from flexfed.common.cli.release import group as release_cli
-from flexfed.common.digest import sha256_file
-from flexfed.common.log_events import accepted_event, opt_out_event, release_slots
-from flexfed.common.optout import AssembledModel, optout
-from flexfed.common.pki import load_certificate
-from flexfed.common.provenance import ProvenanceSigner
-from flexfed.common.release import (
+from flexfed.common.moe.optout import AssembledModel, optout
+from flexfed.common.public.tiny import build_anchor
+from flexfed.common.translog.log import FileLog, parse_entry
+from flexfed.common.trust.audit import AuditReport, Reason, audit_model
+from flexfed.common.trust.ca import generate_key_and_csr, init_ca, issue_certificate, revoke
+from flexfed.common.trust.log_events import accepted_event, opt_out_event, release_slots
+from flexfed.common.trust.pki import load_certificate
+from flexfed.common.trust.provenance import ProvenanceSigner
+from flexfed.common.trust.release import (
     ReleaseSignerError,
     ReleaseStateError,
     content_digest,
@@ -63,10 +63,10 @@ from flexfed.common.release import (
     record_release,
     sign_release,
 )
-from flexfed.common.safetensors_io import load_tensors, save_tensors
-from flexfed.common.signing import load_private_key
-from flexfed.common.tiny import build_anchor
-from flexfed.common.translog import FileLog, parse_entry
+from flexfed.common.trust.signing import load_private_key
+from flexfed.common.util.digest import sha256_file
+from flexfed.common.util.jsonio import write_json
+from flexfed.server.cli.release import group as release_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "fixtures" / "audit"

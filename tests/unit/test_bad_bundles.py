@@ -1,7 +1,7 @@
 """A catalogue of bad expert bundles: each is refused by the one gate, never half-used.
 
 Every case starts from a valid bundle (the ``expert_factory`` fixture), corrupts a copy in one
-way, and checks that :func:`flexfed.common.validation.validate_bundle` raises exactly the
+way, and checks that :func:`flexfed.common.formats.bundle.validate_bundle` raises exactly the
 error class of that defect with a message that names it, and that assembling with the bad
 bundle fails without leaving anything at (or next to) the output path. Defects the
 safetensors library cannot produce are written by hand (``struct`` + ``json``).
@@ -21,15 +21,6 @@ from typing import Any
 import pytest
 import torch
 
-from flexfed.common.anchor import Anchor
-from flexfed.common.assembly import assemble
-from flexfed.common.bundle import (
-    EXPERT_META,
-    EXPERT_WEIGHTS,
-    MAX_META_BYTES,
-    PROVENANCE,
-    SIGNATURE,
-)
 from flexfed.common.errors import (
     AnchorMismatchError,
     BundleError,
@@ -40,12 +31,19 @@ from flexfed.common.errors import (
     SafetensorsFormatError,
     TensorMismatchError,
 )
-from flexfed.common.safetensors_io import load_tensors, save_tensors, tensor_bytes
-from flexfed.common.validation import (
+from flexfed.common.formats.anchor import Anchor
+from flexfed.common.formats.bundle import (
+    EXPERT_META,
+    EXPERT_WEIGHTS,
     MAX_ATTESTATION_BYTES,
+    MAX_META_BYTES,
+    PROVENANCE,
+    SIGNATURE,
     max_weights_bytes,
     validate_bundle,
 )
+from flexfed.common.formats.safetensors_io import load_tensors, save_tensors, tensor_bytes
+from flexfed.common.moe.assembly import assemble
 
 Corruption = Callable[[Path, Anchor], None]
 OTHER_FAMILY = {"olmo2": "llama", "llama": "olmo2"}

@@ -24,9 +24,9 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from flexfed.client import flower_app as client_app
-from flexfed.client.flower_node import NodeSettings, generate_node_key
-from flexfed.common.ca import KeyExistsError
-from flexfed.common.campaign import (
+from flexfed.client.flower_node import NodeSettings
+from flexfed.common.errors import ConfigError, InvalidInputError
+from flexfed.common.flower.campaign import (
     FAILED,
     OK,
     TIMED_OUT,
@@ -39,7 +39,8 @@ from flexfed.common.campaign import (
     answer_to_record,
     read_plan,
 )
-from flexfed.common.errors import ConfigError, InvalidInputError
+from flexfed.common.flower.node_key import generate_node_key
+from flexfed.common.trust.ca import KeyExistsError
 from flexfed.server.flower_app import run_campaign
 
 APP = Path(__file__).resolve().parents[2] / "deploy" / "flower-app" / "pyproject.toml"

@@ -18,10 +18,10 @@ from subprocess import PIPE
 
 import pytest
 
-from flexfed.common.anchor import Anchor
-from flexfed.common.bundle import EXPERT_WEIGHTS
 from flexfed.common.errors import AssemblyError, NonFiniteTensorError, OutputExistsError
-from flexfed.common.safetensors_io import load_tensors, save_tensors
+from flexfed.common.formats.anchor import Anchor
+from flexfed.common.formats.bundle import EXPERT_WEIGHTS
+from flexfed.common.formats.safetensors_io import load_tensors, save_tensors
 
 FLEXFED = str(Path(sys.executable).parent / "flexfed")
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from flexfed.common import corpora
-from flexfed.common.corpora import CLOSED_DOMAINS, LICENSES, SOURCES, prepare
+from flexfed.common.data import corpora
+from flexfed.common.data.corpora import CLOSED_DOMAINS, LICENSES, SOURCES, prepare
 from flexfed.common.errors import DataError
 
 FLEXFED = str(Path(sys.executable).parent / "flexfed")

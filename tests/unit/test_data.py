@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from flexfed.common.data import (
+from flexfed.common.data.ingest import (
     MANIFEST_FORMAT,
     MAX_DOCUMENT_CHARS,
     PackedData,
@@ -27,7 +27,7 @@ from flexfed.common.data import (
     read_documents,
 )
 from flexfed.common.errors import ConfigError, DataError
-from flexfed.common.tiny import byte_tokenizer
+from flexfed.common.public.tiny import byte_tokenizer
 
 EOS = 256
 

@@ -27,13 +27,14 @@ import torch
 
 from flexfed.client import trainer
 from flexfed.client.parallel import per_process_batch
-from flexfed.client.trainer import TrainConfig, state_dir_for, train_expert
-from flexfed.common.anchor import Anchor
-from flexfed.common.checkpoint import Checkpoint
+from flexfed.client.trainer import state_dir_for, train_expert
 from flexfed.common.errors import ConfigError
-from flexfed.common.safetensors_io import load_tensors
-from flexfed.common.tiny import build_anchor
-from flexfed.common.validation import validate_bundle
+from flexfed.common.formats.anchor import Anchor
+from flexfed.common.formats.bundle import validate_bundle
+from flexfed.common.formats.checkpoint import Checkpoint
+from flexfed.common.formats.safetensors_io import load_tensors
+from flexfed.common.moe.config import TrainConfig
+from flexfed.common.public.tiny import build_anchor
 
 FLEXFED = str(Path(sys.executable).parent / "flexfed")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -192,11 +193,11 @@ def test_batch_split_rule() -> None:
 
 def _gradient_worker(anchor_dir: str, out_dir: str) -> None:
     from flexfed.client.parallel import data_parallel, wrap_for_training
-    from flexfed.client.trainer import accumulate_gradients
-    from flexfed.common.anchor import open_anchor
-    from flexfed.common.router_init import random_router_init
-    from flexfed.common.safetensors_io import save_tensors
-    from flexfed.common.training_model import build_training_model
+    from flexfed.common.formats.anchor import open_anchor
+    from flexfed.common.formats.safetensors_io import save_tensors
+    from flexfed.common.moe.recipe import accumulate_gradients
+    from flexfed.common.moe.router_init import random_router_init
+    from flexfed.common.moe.training_model import build_training_model, z_loss_term
 
     cfg = TrainConfig(seq_len=16, batch_size=8, micro_batch_size=2, device="cpu")
     anchor = open_anchor(anchor_dir)
@@ -212,11 +213,13 @@ def _gradient_worker(anchor_dir: str, out_dir: str) -> None:
         model = build_training_model(anchor, init, bias_init=-0.1).train()
         forward, ddp = wrap_for_training(model, cfg, par)
         mine = batch[par.rank * share : (par.rank + 1) * share]
-        accumulate_gradients(forward, model, mine, micro, cfg.z_loss_weight, par.device, ddp)
+        z_loss = z_loss_term(model, cfg.z_loss_weight)
+        accumulate_gradients(forward, mine, micro, par.device, z_loss, ddp)
         save_tensors(Path(out_dir) / f"rank{par.rank}.safetensors", grads(model))
         if par.is_main:
             ref = build_training_model(anchor, init, bias_init=-0.1).train()
-            accumulate_gradients(ref, ref, batch, cfg.batch_size, cfg.z_loss_weight, par.device)
+            ref_z_loss = z_loss_term(ref, cfg.z_loss_weight)
+            accumulate_gradients(ref, batch, cfg.batch_size, par.device, ref_z_loss)
             save_tensors(Path(out_dir) / "single.safetensors", grads(ref))
 
 

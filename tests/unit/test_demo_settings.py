@@ -10,7 +10,7 @@ import pytest
 
 from flexfed.client.cli import train
 from flexfed.common.errors import ConfigError
-from flexfed.server.demo import (
+from flexfed.server.demo.local import (
     EXPERT_OPTIONS,
     PUBLIC_MODELS,
     DemoSettings,

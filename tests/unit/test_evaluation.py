@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from flexfed.common.anchor import Anchor
-from flexfed.common.assembly import assemble
-from flexfed.common.evaluation import evaluate_model, routing_statistics
+from flexfed.common.formats.anchor import Anchor
+from flexfed.common.moe.assembly import assemble
+from flexfed.common.moe.evaluation import evaluate_model, routing_statistics
 
 DOCS = {
     "sums": [f"{a}+{a}={2 * a}. " * 20 for a in range(40)],

@@ -8,12 +8,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from flexfed.common.anchor import Anchor
-from flexfed.common.assembly import ASSEMBLY_FILE, assemble
-from flexfed.common.bundle import ExpertMeta, write_bundle
-from flexfed.common.checkpoint import Checkpoint
-from flexfed.common.optout import AssembledModel, masked_experts, optout
-from flexfed.common.training_model import (
+from flexfed.common.formats.anchor import Anchor
+from flexfed.common.formats.bundle import ExpertMeta, write_bundle
+from flexfed.common.formats.checkpoint import Checkpoint
+from flexfed.common.moe.assembly import ASSEMBLY_FILE, assemble
+from flexfed.common.moe.optout import AssembledModel, masked_experts, optout
+from flexfed.common.moe.training_model import (
     build_training_model,
     extract_expert,
     router_z_loss,

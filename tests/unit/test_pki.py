@@ -28,7 +28,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from flexfed.client.keys import keygen
-from flexfed.common.ca import (
+from flexfed.common.errors import ConfigError, VerificationError
+from flexfed.common.trust.ca import (
     CA_CERT,
     CA_CRL,
     CA_KEY,
@@ -44,9 +45,7 @@ from flexfed.common.ca import (
     revoke,
     write_crl,
 )
-from flexfed.common.cli.ca import group as ca_cli
-from flexfed.common.errors import ConfigError, VerificationError
-from flexfed.common.pki import (
+from flexfed.common.trust.pki import (
     ROLE_EKUS,
     ROLES,
     CertificateExpiredError,
@@ -65,6 +64,7 @@ from flexfed.common.pki import (
     load_crl,
     verify_chain,
 )
+from flexfed.server.cli.ca import group as ca_cli
 
 OPENSSL = shutil.which("openssl")
 needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="openssl is not on PATH")

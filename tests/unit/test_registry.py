@@ -21,14 +21,14 @@ from conftest import make_expert_bundle
 from consortium import Member, Pki
 
 from flexfed.client.sign import sign_bundle
-from flexfed.common.anchor import Anchor
-from flexfed.common.artifact_tar import ArtifactKind, extract_archive
-from flexfed.common.bundle import EXPERT_WEIGHTS
-from flexfed.common.ca import generate_key_and_csr, issue_certificate
 from flexfed.common.errors import ConfigError
-from flexfed.common.safetensors_io import load_tensors, save_tensors
-from flexfed.common.signing import BundleVerifier
-from flexfed.common.translog import parse_entry
+from flexfed.common.formats.anchor import Anchor
+from flexfed.common.formats.archive import ArtifactKind, extract_archive
+from flexfed.common.formats.bundle import EXPERT_WEIGHTS
+from flexfed.common.formats.safetensors_io import load_tensors, save_tensors
+from flexfed.common.translog.log import parse_entry
+from flexfed.common.trust.ca import generate_key_and_csr, issue_certificate
+from flexfed.common.trust.signing import BundleVerifier
 from flexfed.server import lifecycle
 from flexfed.server.config import load_config
 from flexfed.server.consistency import check, recover

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from flexfed.common.errors import InvalidInputError
-from flexfed.common.router_init import DEFAULT_NORM, mlp_input_means
-from flexfed.common.tiny import build_public_model, byte_tokenizer
+from flexfed.common.moe.router_init import DEFAULT_NORM, mlp_input_means
+from flexfed.common.public.tiny import build_public_model, byte_tokenizer
 
 DOCS = ["def f(x):\n    return x + 1\n", "Compute 12 + 30. Answer: 42.", "Permission is granted."]
 

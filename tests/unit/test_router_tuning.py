@@ -11,19 +11,19 @@ import torch
 from conftest import make_expert_bundle
 from transformers import AutoModelForCausalLM
 
-from flexfed.common.anchor import Anchor
-from flexfed.common.assembly import assemble
-from flexfed.common.checkpoint import Checkpoint
 from flexfed.common.errors import ConfigError
-from flexfed.common.optout import AssembledModel, optout
-from flexfed.common.router_tuning import (
+from flexfed.common.formats.anchor import Anchor
+from flexfed.common.formats.checkpoint import Checkpoint
+from flexfed.common.formats.safetensors_io import load_tensors
+from flexfed.common.moe.assembly import assemble
+from flexfed.common.moe.optout import AssembledModel, optout
+from flexfed.common.moe.router_tuning import (
     UNTUNED_ROUTERS,
     proxy_scores,
     select_proxy,
     tune_router,
 )
-from flexfed.common.safetensors_io import load_tensors
-from flexfed.common.tiny import build_public_model, byte_tokenizer
+from flexfed.common.public.tiny import build_public_model, byte_tokenizer
 
 DOCS = [f"def f{i}(x):\n    return x * {i} + {i * 7}\n" for i in range(12)] + [
     f"The court held in case {i} that the licence was void." for i in range(12)

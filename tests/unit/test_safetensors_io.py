@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from flexfed.common.errors import SafetensorsFormatError
-from flexfed.common.safetensors_io import (
+from flexfed.common.formats.safetensors_io import (
     DTYPE_NAMES,
     OutTensor,
     load_tensors,

@@ -36,18 +36,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from flexfed.client.sign import sign, sign_bundle
-from flexfed.common.anchor import Anchor
-from flexfed.common.bundle import (
+from flexfed.common.errors import BundleError, InvalidInputError, VerificationError
+from flexfed.common.formats.anchor import Anchor
+from flexfed.common.formats.bundle import (
     EXPERT_META,
     EXPERT_WEIGHTS,
     PROVENANCE,
     SIGNATURE,
     read_expert_meta,
 )
-from flexfed.common.ca import generate_key_and_csr, init_ca, issue_certificate, revoke
-from flexfed.common.digest import manifest_digest, sha256_file
-from flexfed.common.errors import BundleError, InvalidInputError, VerificationError
-from flexfed.common.pki import (
+from flexfed.common.public.tiny import build_anchor
+from flexfed.common.trust.ca import generate_key_and_csr, init_ca, issue_certificate, revoke
+from flexfed.common.trust.pki import (
     CertificateExpiredError,
     CertificateNotYetValidError,
     CertificateRevokedError,
@@ -56,7 +56,7 @@ from flexfed.common.pki import (
     UntrustedCertificateError,
     load_certificate,
 )
-from flexfed.common.provenance import (
+from flexfed.common.trust.provenance import (
     PAYLOAD_TYPE,
     PREDICATE_TYPE,
     STATEMENT_TYPE,
@@ -65,7 +65,7 @@ from flexfed.common.provenance import (
     pae,
     sign_envelope,
 )
-from flexfed.common.signing import (
+from flexfed.common.trust.signing import (
     AnchorDigestMismatchError,
     BundleSignatureError,
     BundleVerifier,
@@ -89,7 +89,7 @@ from flexfed.common.signing import (
     VerifiedBundle,
     load_private_key,
 )
-from flexfed.common.tiny import build_anchor
+from flexfed.common.util.digest import manifest_digest, sha256_file
 
 OPENSSL = shutil.which("openssl")
 needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="openssl is not on PATH")
@@ -665,7 +665,7 @@ def test_one_verifier_checks_bundles_signed_with_later_certificates(tmp_path: Pa
 
     from conftest import make_expert_bundle
 
-    from flexfed.common.signing import BundleSigner, BundleVerifier
+    from flexfed.common.trust.signing import BundleSigner, BundleVerifier
 
     anchor = build_anchor("olmo2", tmp_path / "anchor")
     ca = init_ca(tmp_path / "ca", "Test CA")
@@ -685,7 +685,7 @@ def test_train_with_sign_writes_a_verifying_bundle(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from flexfed.common.signing import BundleVerifier
+    from flexfed.common.trust.signing import BundleVerifier
 
     anchor = build_anchor("olmo2", tmp_path / "anchor")
     ca = init_ca(tmp_path / "ca", "Test CA")

@@ -14,9 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flexfed.common import smollm2
-from flexfed.common.anchor import ExpertShapes
-from flexfed.common.checkpoint import Checkpoint, read_json
+from flexfed.common.public import smollm2
 from flexfed.common.errors import (
     ConfigError,
     DigestMismatchError,
@@ -24,7 +22,9 @@ from flexfed.common.errors import (
     MissingFileError,
     OutputExistsError,
 )
-from flexfed.common.families import family_of_config
+from flexfed.common.formats.anchor import ExpertShapes
+from flexfed.common.formats.checkpoint import Checkpoint, read_json
+from flexfed.common.formats.families import family_of_config
 
 
 def test_missing_package_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:

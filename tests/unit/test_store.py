@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from flexfed.common.artifact_tar import (
+from flexfed.common.errors import DigestMismatchError, InvalidInputError
+from flexfed.common.formats.archive import (
     ArtifactKind,
     MalformedDigestError,
     format_digest,
     pack_directory,
 )
-from flexfed.common.errors import DigestMismatchError, InvalidInputError
 from flexfed.server.store import (
     ArtifactStore,
     ArtifactTooLargeError,

@@ -14,10 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from flexfed.client.trainer import TrainConfig, batch_indices, state_dir_for, train_expert
-from flexfed.common.anchor import Anchor, create_anchor
-from flexfed.common.assembly import assemble
-from flexfed.common.checkpoint import Checkpoint
+from flexfed.client.trainer import state_dir_for, train_expert
 from flexfed.common.errors import (
     ConfigError,
     DataError,
@@ -25,8 +22,13 @@ from flexfed.common.errors import (
     MissingFileError,
     UnsupportedModelError,
 )
-from flexfed.common.safetensors_io import load_tensors
-from flexfed.common.tiny import build_public_model
+from flexfed.common.formats.anchor import Anchor, create_anchor
+from flexfed.common.formats.checkpoint import Checkpoint
+from flexfed.common.formats.safetensors_io import load_tensors
+from flexfed.common.moe.assembly import assemble
+from flexfed.common.moe.config import TrainConfig
+from flexfed.common.moe.recipe import batch_indices
+from flexfed.common.public.tiny import build_public_model
 
 FLEXFED = str(Path(sys.executable).parent / "flexfed")
 
@@ -79,9 +81,10 @@ def pretrained_anchor(tmp_path: Path) -> Anchor:
     import inspect
     import json
 
-    from flexfed.client.trainer import load_tokenizer, train_dense
-    from flexfed.common.data import pack_documents
-    from flexfed.common.tiny import build_public_model
+    from flexfed.client.trainer import load_tokenizer
+    from flexfed.common.data.ingest import pack_documents
+    from flexfed.common.moe.recipe import train_dense
+    from flexfed.common.public.tiny import build_public_model
 
     public = tmp_path / "public"
     model = build_public_model("olmo2", public, seed=0, hidden_size=64, intermediate_size=128)
@@ -100,7 +103,7 @@ def test_expert_learns_its_domain_and_the_assembly_keeps_it(tmp_path: Path) -> N
     """Held-out loss on a domain unlike the public data falls well below the public model's,
     and the assembled MoE (public + expert) keeps that gain."""
     from flexfed.client.trainer import load_tokenizer
-    from flexfed.common.data import pack_documents, read_documents
+    from flexfed.common.data.ingest import pack_documents, read_documents
 
     anchor = pretrained_anchor(tmp_path)
     data = arithmetic_corpus(tmp_path / "sums.jsonl", n=1500)
@@ -238,7 +241,7 @@ def test_unsupported_family_is_a_clear_error(tmp_path: Path) -> None:
 def test_missing_tokenizer_is_a_clear_error(anchor: Anchor, tmp_path: Path) -> None:
     import shutil
 
-    from flexfed.common.anchor import open_anchor
+    from flexfed.common.formats.anchor import open_anchor
 
     copy = tmp_path / "anchor"
     shutil.copytree(anchor.path, copy)

@@ -18,7 +18,7 @@ from flexfed.common.errors import (
     MissingFileError,
     VerificationError,
 )
-from flexfed.common.translog import (
+from flexfed.common.translog.log import (
     EMPTY_ROOT,
     LOG_MAGIC,
     Checkpoint,

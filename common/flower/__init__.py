@@ -1,0 +1,1 @@
+"""What the Flower ServerApp and ClientApp share: campaign formats and node keys."""

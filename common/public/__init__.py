@@ -1,0 +1,1 @@
+"""Public models built or converted offline: the tiny model and SmolLM2-135M."""

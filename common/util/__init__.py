@@ -1,0 +1,1 @@
+"""Small primitives every layer uses: files, strict JSON, clocks, digests, progress, watchdogs."""

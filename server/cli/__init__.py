@@ -1,0 +1,1 @@
+"""The operator's commands: ``flexfed coordinator``, ``ca``, ``release``, ``anchor``."""

@@ -1,0 +1,1 @@
+"""The demos, which play every party (operator, owners, auditor) on one machine."""
