@@ -43,7 +43,8 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from flexfed.client.trainer import train_expert
 from flexfed.common.data.corpora import CLOSED_DOMAINS, write_domain
-from flexfed.common.data.ingest import data_commitment, pack_documents, read_documents
+from flexfed.common.data.documents import data_commitment, read_documents
+from flexfed.common.data.packing import pack_documents
 from flexfed.common.formats.anchor import Anchor
 from flexfed.common.formats.bundle import ExpertMeta, write_bundle
 from flexfed.common.moe.assembly import assemble

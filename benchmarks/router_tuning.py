@@ -39,7 +39,8 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # before transformer
 import torch
 from transformers import AutoModelForCausalLM
 
-from flexfed.common.data.ingest import pack_documents, read_documents
+from flexfed.common.data.documents import read_documents
+from flexfed.common.data.packing import pack_documents
 from flexfed.common.moe.evaluation import held_out, load_tokenizer, routing_statistics
 from flexfed.common.moe.optout import optout
 from flexfed.common.moe.router_tuning import select_proxy, tune_router

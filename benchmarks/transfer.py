@@ -128,7 +128,8 @@ class Round:
 
 
 def make_pki(root: Path) -> Path:
-    from flexfed.common.trust.ca import generate_key_and_csr, init_ca, issue_certificate
+    from flexfed.common.trust.ca import init_ca, issue_certificate
+    from flexfed.common.trust.keys import generate_key_and_csr
 
     init_ca(root / "ca", "Benchmark CA")
     for name, org, role, sans in [

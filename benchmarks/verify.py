@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from assemble import BenchConfig, build_inputs
 
 from flexfed.client.sign import sign_bundle
-from flexfed.common.trust.ca import generate_key_and_csr, init_ca, issue_certificate
+from flexfed.common.trust.ca import init_ca, issue_certificate
+from flexfed.common.trust.keys import generate_key_and_csr
 from flexfed.common.trust.signing import BundleVerifier
 
 

@@ -153,7 +153,7 @@ def _train(msg: Message, context: Context) -> TrainingAnswer:
 
 
 def _evaluate(msg: Message, context: Context) -> EvaluationAnswer:
-    from flexfed.common.data.ingest import find_data_files, read_documents
+    from flexfed.common.data.documents import find_data_files, read_documents
     from flexfed.common.moe.evaluation import evaluate_model, held_out
     from flexfed.common.trust.pki import identity_of, load_certificate
 

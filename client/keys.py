@@ -29,7 +29,7 @@ import click
 )
 def keygen(org: str, out: Path, role: str) -> None:
     """Make an ECDSA P-256 key and a certificate request (CSR) for your organisation."""
-    from flexfed.common.trust.ca import generate_key_and_csr
+    from flexfed.common.trust.keys import generate_key_and_csr
 
     req = generate_key_and_csr(org, out, role_hint=role)
     click.echo(

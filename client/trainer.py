@@ -44,16 +44,12 @@ from flexfed.client.parallel import (
 )
 from flexfed.client.train_state import load_state, open_state_dir, save_state, state_dir_for
 from flexfed.common import __version__
-from flexfed.common.data.ingest import (
-    PackedData,
-    data_commitment,
-    find_data_files,
-    pack_documents,
-    read_documents,
-)
+from flexfed.common.data.documents import data_commitment, find_data_files, read_documents
+from flexfed.common.data.packing import PackedData, pack_documents
 from flexfed.common.errors import ConfigError, OutputExistsError
 from flexfed.common.formats.anchor import Anchor, open_anchor
-from flexfed.common.formats.bundle import ORG_PATTERN, ExpertMeta, write_bundle
+from flexfed.common.formats.bundle import ExpertMeta, write_bundle
+from flexfed.common.formats.names import ORG_PATTERN
 from flexfed.common.moe.config import TrainConfig
 from flexfed.common.moe.evaluation import load_tokenizer as load_model_tokenizer
 from flexfed.common.moe.recipe import (

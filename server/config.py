@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from flexfed.common.errors import ConfigError, MissingFileError
-from flexfed.common.translog.log import Checkpoint, CheckpointFormatError
+from flexfed.common.translog.checkpoint import Checkpoint, CheckpointFormatError
 
 CONFIG_FILE = "coordinator.toml"
 CONFIG_FORMAT = "flexfed.coordinator/v1"

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from flexfed.common.formats.checkpoint import read_json
-from flexfed.common.translog.log import parse_entry
+from flexfed.common.trust.log_events import parse_entry
 from flexfed.server.coordinator import Coordinator
 from flexfed.server.lifecycle import finish_release, release_dir
 from flexfed.server.pipeline import record_of

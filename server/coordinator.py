@@ -28,8 +28,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from flexfed.common.errors import ConfigError, MissingFileError
 from flexfed.common.formats.anchor import Anchor, open_anchor
 from flexfed.common.formats.archive import ArtifactKind, extract_archive
-from flexfed.common.translog.log import FileLog, SignedCheckpoint
-from flexfed.common.trust.ca import private_pem
+from flexfed.common.translog.checkpoint import SignedCheckpoint
+from flexfed.common.translog.filelog import FileLog
+from flexfed.common.trust.keys import private_pem
+from flexfed.common.trust.log_events import open_log
 from flexfed.common.trust.pki import CertificateError, load_certificate, load_crl, verify_chain
 from flexfed.common.trust.signing import load_private_key
 from flexfed.common.util.clock import utc_now
@@ -144,7 +146,7 @@ def _populate(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
     )
-    FileLog(provisional.log_file).close()
+    open_log(provisional.log_file).close()
     store = ArtifactStore(
         provisional.store_dir,
         max_artifact_bytes=limits.max_artifact_bytes,
@@ -210,7 +212,7 @@ class Coordinator:
             max_chunk_bytes=config.limits.max_chunk_bytes,
         )
         self.registry = Registry(config.database_url)
-        self.log = log or FileLog(config.log_file)
+        self.log = log or open_log(config.log_file)
         config.staging_dir.mkdir(exist_ok=True)
 
     @classmethod

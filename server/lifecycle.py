@@ -32,8 +32,7 @@ from flexfed.common.errors import AssemblyError, InvalidInputError
 from flexfed.common.formats.archive import ArtifactKind, extract_archive
 from flexfed.common.formats.checkpoint import read_json
 from flexfed.common.moe.assembly import ASSEMBLY_FILE, DEFAULT_TOP_K, assemble
-from flexfed.common.translog.log import parse_entry
-from flexfed.common.trust.log_events import opt_out_event
+from flexfed.common.trust.log_events import opt_out_event, parse_entry
 from flexfed.common.trust.owner_request import SignedOwnerRequest, verify_owner_request
 from flexfed.common.trust.release import RELEASE_SIGNATURE, record_release, sign_release
 from flexfed.common.util.clock import utc_now_iso

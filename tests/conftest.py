@@ -21,7 +21,8 @@ from flexfed.common.formats.anchor import Anchor
 from flexfed.common.formats.bundle import ExpertMeta, write_bundle
 from flexfed.common.moe.training_model import build_training_model, extract_expert
 from flexfed.common.public.tiny import build_anchor
-from flexfed.common.trust.ca import generate_key_and_csr, issue_certificate
+from flexfed.common.trust.ca import issue_certificate
+from flexfed.common.trust.keys import generate_key_and_csr
 
 FAMILIES = ["olmo2", "llama"]
 

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, NamedTuple
 import grpc
 
 from flexfed.common.api.tls import secure_channel
-from flexfed.common.trust.ca import generate_key_and_csr, init_ca, issue_certificate
+from flexfed.common.trust.ca import init_ca, issue_certificate
+from flexfed.common.trust.keys import generate_key_and_csr
 
 if TYPE_CHECKING:
     from flexfed.server.auth import Authorizer

@@ -21,13 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from flexfed.common.api.tls import secure_channel
 from flexfed.common.errors import ConfigError, FlexfedError, TransferError, VerificationError
 from flexfed.common.formats.anchor import Anchor, open_anchor
-from flexfed.common.translog.log import (
-    SignedCheckpoint,
-    leaf_hash,
-    load_public_key,
-    verify_checkpoint,
-    verify_inclusion,
-)
+from flexfed.common.translog.checkpoint import SignedCheckpoint, load_public_key, verify_checkpoint
+from flexfed.common.translog.merkle import leaf_hash, verify_inclusion
 from flexfed.proto.v1 import (
     artifact_pb2,
     audit_pb2,

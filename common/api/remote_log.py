@@ -22,13 +22,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from flexfed.common.api.tls import secure_channel
 from flexfed.common.errors import ConfigError, TransferError
-from flexfed.common.translog.log import (
-    Checkpoint,
-    LogIntegrityError,
-    MerkleTree,
-    SignedCheckpoint,
-    verify_checkpoint,
-)
+from flexfed.common.translog.checkpoint import Checkpoint, SignedCheckpoint, verify_checkpoint
+from flexfed.common.translog.filelog import LogIntegrityError
+from flexfed.common.translog.merkle import MerkleTree
 from flexfed.proto.v1 import audit_pb2, audit_pb2_grpc
 
 log = logging.getLogger(__name__)

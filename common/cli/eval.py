@@ -45,7 +45,7 @@ def command(
     quiet: bool,
 ) -> None:
     """Evaluate MODEL on each domain's held-out data; print loss and perplexity."""
-    from flexfed.common.data.ingest import find_data_files, read_documents
+    from flexfed.common.data.documents import find_data_files, read_documents
     from flexfed.common.moe.evaluation import evaluate_model
 
     domains: dict[str, list[str]] = {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flexfed.common.trust.ca import KeyExistsError
+from flexfed.common.trust.keys import KeyExistsError
 from flexfed.common.util.fs import write_private
 
 

@@ -46,6 +46,7 @@ from flexfed.common.errors import (
 )
 from flexfed.common.formats.anchor import Anchor, ExpertShapes
 from flexfed.common.formats.families import PROJECTIONS
+from flexfed.common.formats.names import ORG_PATTERN
 from flexfed.common.formats.safetensors_io import (
     DTYPE_SIZES,
     TORCH_DTYPES,
@@ -67,7 +68,6 @@ BUNDLE_FILES = frozenset({EXPERT_WEIGHTS, EXPERT_META, SIGNATURE, PROVENANCE})
 EXPERT_FORMAT = "flexfed.expert/v1"
 MAX_META_BYTES = 256 * 1024  # expert.json is a few KiB; the training summary must stay short
 
-ORG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 

@@ -14,7 +14,7 @@ from typing import Any, cast
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from flexfed.common.data.ingest import is_validation_document, pack_documents
+from flexfed.common.data.packing import is_validation_document, pack_documents
 from flexfed.common.errors import DataError, InvalidInputError, MissingFileError
 from flexfed.common.util.progress import count_progress
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from flexfed.common.data.ingest import pack_documents
+from flexfed.common.data.packing import pack_documents
 from flexfed.common.errors import ConfigError, DataError, UnsupportedModelError
 from flexfed.common.formats.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, read_json
 from flexfed.common.formats.families import family_of_config

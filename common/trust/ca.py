@@ -36,6 +36,14 @@ from flexfed.common.errors import (
     MissingFileError,
     VerificationError,
 )
+from flexfed.common.trust.keys import (
+    CSR_FILE,
+    CertificateRequestError,
+    check_org,
+    check_role,
+    private_pem,
+    write_public,
+)
 
 # NOTE: the private helpers are pki's own reading of a certificate (its attributes, key
 # identifier, the CA's signature on it), shared so that the CA and the verifier agree.
@@ -44,10 +52,8 @@ from flexfed.common.trust.pki import (
     ORG_URI_PREFIX,
     ROLE_EKUS,
     ROLE_URI_PREFIX,
-    ROLES,
     Identity,
     PathLike,
-    Role,
     _attr,
     _check_signed_by,
     _load_pem_or_der,
@@ -58,7 +64,7 @@ from flexfed.common.trust.pki import (
     parse_serial,
 )
 from flexfed.common.util.clock import as_utc, utc_now_seconds
-from flexfed.common.util.fs import atomic_write_bytes, write_private
+from flexfed.common.util.fs import write_private
 
 try:  # POSIX; the CA runs on the operator's Linux/macOS machine
     import fcntl
@@ -72,13 +78,8 @@ CA_KEY = "ca.key"
 CA_CRL = "crl.pem"
 CA_STATE = "ca.json"
 ISSUED_DIR = "issued"
-KEY_FILE = "key.pem"
-CSR_FILE = "csr.pem"
 STATE_FORMAT = "flexfed.ca/v1"
 
-# NOTE: the same rule as expert.json's org (flexfed.common.formats.bundle.ORG_PATTERN, not imported
-# here because bundle imports torch): the verifier compares the two byte for byte.
-ORG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _DNS_PATTERN = re.compile(
     r"(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
 )
@@ -96,16 +97,8 @@ class CaExistsError(ConfigError, FileExistsError):
     """A CA already lives in the directory; it is never overwritten."""
 
 
-class KeyExistsError(ConfigError, FileExistsError):
-    """A private key already lives where a new one would be written."""
-
-
 class CaStateError(ConfigError):
     """The CA directory is incomplete or its state file is damaged."""
-
-
-class CertificateRequestError(InvalidInputError):
-    """A certificate signing request (or what would go into one) is malformed or refused."""
 
 
 class UnknownCertificateError(InvalidInputError):
@@ -126,13 +119,6 @@ class CaPaths(NamedTuple):
     key: Path
     crl: Path
     state: Path
-
-
-class KeyRequest(NamedTuple):
-    """What :func:`generate_key_and_csr` wrote."""
-
-    key: Path
-    csr: Path
 
 
 class IssuedCertificate(NamedTuple):
@@ -163,41 +149,8 @@ def _iso(when: dt.datetime) -> str:
     return as_utc(when).isoformat()
 
 
-def _write_public(path: Path, data: bytes) -> None:
-    """Write ``path`` atomically and durably, mode 0644."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, data, mode=0o644)
-    except OSError as err:
-        raise InvalidInputError(f"cannot write {path}: {err.strerror or err}") from err
-
-
 def _pem(obj: x509.Certificate | x509.CertificateRevocationList) -> bytes:
     return obj.public_bytes(serialization.Encoding.PEM)
-
-
-def private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    """A P-256 key as unencrypted PKCS#8 PEM."""
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),  # model-signing's certificate signer loads keys unencrypted
-    )
-
-
-def _check_org(org: str) -> str:
-    if not ORG_PATTERN.fullmatch(org):
-        raise CertificateRequestError(
-            f"organisation name {org!r} is not allowed: use 1-64 letters, digits, '.', '_' or "
-            "'-', starting with a letter or digit"
-        )
-    return org
-
-
-def _check_role(role: str) -> Role:
-    if role not in ROLES:
-        raise CertificateRequestError(f"unknown role {role!r}; use one of {', '.join(ROLES)}")
-    return role
 
 
 def _key_usage(
@@ -288,7 +241,7 @@ def init_ca(
         write_private(paths.key, private_pem(key))
     except FileExistsError:
         raise CaExistsError(f"{paths.key} already exists; it is never overwritten") from None
-    _write_public(paths.cert, _pem(cert))
+    write_public(paths.cert, _pem(cert))
     state: dict[str, Any] = {"format": STATE_FORMAT, "name": name, "crl_number": 0}
     state.update(issued=[], revoked=[])
     _save_state(out, state)
@@ -313,7 +266,7 @@ def _load_state(ca_dir: Path) -> dict[str, Any]:
 
 
 def _save_state(ca_dir: Path, state: dict[str, Any]) -> None:
-    _write_public(ca_dir / CA_STATE, (json.dumps(state, indent=2, sort_keys=True) + "\n").encode())
+    write_public(ca_dir / CA_STATE, (json.dumps(state, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _open_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
@@ -342,40 +295,6 @@ def load_csr(path: PathLike) -> x509.CertificateSigningRequest:
         x509.load_der_x509_csr,
         CertificateRequestError,
     )
-
-
-def generate_key_and_csr(org: str, out_dir: PathLike, role_hint: str | None = None) -> KeyRequest:
-    """Make a data owner's (or operator's, auditor's) P-256 key and certificate request.
-
-    The key is written with mode 0600 and never leaves ``out_dir``; the request (subject
-    ``O=<org>``, ``CN=<org>``, and ``OU=<role_hint>`` when given) goes to the operator.
-    """
-    org = _check_org(org)
-    attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, org)]
-    if role_hint is not None:
-        attrs.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, _check_role(role_hint)))
-    attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, org))
-    out = Path(out_dir)
-    key_path, csr_path = out / KEY_FILE, out / CSR_FILE
-    if key_path.exists():
-        raise KeyExistsError(
-            f"{key_path} already exists; choose another --out, or delete it if you really mean "
-            "to replace your key (its certificate then stops being usable)"
-        )
-    out.mkdir(mode=0o700, parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name(attrs))
-        .sign(key, hashes.SHA256())
-    )
-    try:
-        write_private(key_path, private_pem(key))
-    except FileExistsError:
-        raise KeyExistsError(f"{key_path} already exists; it is never overwritten") from None
-    _write_public(csr_path, csr.public_bytes(serialization.Encoding.PEM))
-    logger.info("wrote key %s and request %s for %s", key_path, csr_path, org)
-    return KeyRequest(key_path, csr_path)
 
 
 def _default_cert_path(csr_path: Path) -> Path:
@@ -423,7 +342,7 @@ def issue_certificate(
     """
     ca = Path(ca_dir)
     csr_path = Path(csr_path)
-    role = _check_role(role)
+    role = check_role(role)
     if days < 1:
         raise ConfigError(f"--days must be at least 1, got {days}")
     host_names = _host_sans(san_dns, san_ip)
@@ -447,7 +366,7 @@ def issue_certificate(
     orgs = _attr(csr.subject, NameOID.ORGANIZATION_NAME)
     if len(orgs) != 1:
         raise CertificateRequestError(f"{csr_path} must name exactly one organisation (O=)")
-    org = _check_org(orgs[0])
+    org = check_org(orgs[0])
     cns = _attr(csr.subject, NameOID.COMMON_NAME)
     cn = cns[0] if len(cns) == 1 else org
     if not cn.isprintable() or len(cn) > 64:
@@ -523,7 +442,7 @@ def issue_certificate(
             .sign(ca_key, hashes.SHA256())
         )
         identity = identity_of(cert)
-        _write_public(ca / ISSUED_DIR / f"{format_serial(serial)}.pem", _pem(cert))
+        write_public(ca / ISSUED_DIR / f"{format_serial(serial)}.pem", _pem(cert))
         state["issued"].append(
             {
                 "serial": format_serial(serial),
@@ -536,7 +455,7 @@ def issue_certificate(
         )
         _save_state(ca, state)
     out_path = Path(out) if out is not None else _default_cert_path(csr_path)
-    _write_public(out_path, _pem(cert))
+    write_public(out_path, _pem(cert))
     logger.info("issued %s to %s", identity, out_path)
     return IssuedCertificate(out_path, identity)
 
@@ -644,7 +563,7 @@ def _write_crl_unlocked(
             entry = entry.add_extension(x509.CRLReason(flag), critical=False)
         builder = builder.add_revoked_certificate(entry.build())
     crl = builder.sign(ca_key, hashes.SHA256())
-    _write_public(ca / CA_CRL, _pem(crl))
+    write_public(ca / CA_CRL, _pem(crl))
     _save_state(ca, state)
     return crl
 
@@ -657,7 +576,7 @@ def write_crl(ca_dir: PathLike, out: PathLike | None = None, *, days: int = 30) 
         crl = _write_crl_unlocked(ca, ca_cert, ca_key, _load_state(ca), days)
     if out is None:
         return ca / CA_CRL
-    _write_public(Path(out), _pem(crl))
+    write_public(Path(out), _pem(crl))
     return Path(out)
 
 

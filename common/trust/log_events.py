@@ -7,21 +7,45 @@ re-admits experts (:func:`opt_out_event`), a ``revocation`` when the operator ba
 them). An expert is withdrawn by a later revocation (final) or opt-out (until a later opt-in)
 that targets it.
 
-:mod:`flexfed.common.trust.release` appends these events and :mod:`flexfed.common.trust.audit` checks a
-model against them; both read a log through :class:`LogReader`.
+:mod:`flexfed.common.trust.release` appends these events and
+:mod:`flexfed.common.trust.audit` checks a model against them; both read a log through
+:class:`LogReader`. The log itself is generic (:mod:`flexfed.common.translog`); this module
+is its vocabulary: :data:`EVENT_TYPES`, :func:`entry_bytes`, :func:`parse_entry` and
+:func:`open_log`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Final, Protocol
 
-from flexfed.common.translog.log import parse_entry
+from flexfed.common.translog.entries import canonical_entry, parse_canonical
+from flexfed.common.translog.filelog import FileLog
 from flexfed.common.util.clock import utc_now_iso
+
+EVENT_TYPES: Final = frozenset(
+    {"expert-accepted", "opt-out", "opt-in", "revocation", "assembly-released"}
+)
+
+
+def entry_bytes(event: Mapping[str, Any]) -> bytes:
+    """The log entry for a consortium event (canonical JSON; its type one of EVENT_TYPES)."""
+    return canonical_entry(event, EVENT_TYPES)
+
+
+def parse_entry(data: bytes) -> dict[str, Any]:
+    """A consortium log entry back to its event, refusing anything not canonical or unknown."""
+    return parse_canonical(data, EVENT_TYPES)
+
+
+def open_log(path: Path | str) -> FileLog:
+    """The consortium's transparency log file (created if absent), for its one writer."""
+    return FileLog(path, types=EVENT_TYPES)
 
 
 class LogReader(Protocol):
-    """What the audit reads from a log (:class:`~flexfed.common.translog.log.FileLog` has it)."""
+    """What the audit reads from a log (:class:`~flexfed.common.translog.filelog.FileLog` has it)."""
 
     @property
     def size(self) -> int: ...

@@ -33,13 +33,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from flexfed.common.errors import InvalidInputError, MissingFileError
 from flexfed.common.moe.assembly import ASSEMBLY_FILE
 from flexfed.common.moe.optout import AssembledModel
-from flexfed.common.translog.log import FileLog, entry_bytes, parse_entry
+from flexfed.common.translog.filelog import FileLog
 from flexfed.common.trust.log_events import (
     _is_acceptance,
     _read_events,
     _withdrawal,
     accepted_event,
+    entry_bytes,
     opt_out_event,
+    parse_entry,
     release_slots,
 )
 from flexfed.common.trust.pki import Identity, PathLike, identity_of, load_certificate, verify_chain

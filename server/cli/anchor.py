@@ -58,7 +58,7 @@ def create(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from flexfed.common.data.ingest import find_data_files, read_documents
+    from flexfed.common.data.documents import find_data_files, read_documents
     from flexfed.common.formats.anchor import create_anchor
     from flexfed.common.formats.checkpoint import Checkpoint
     from flexfed.common.formats.families import family_of_config

@@ -25,6 +25,7 @@ from typing import Any
 import click
 
 from flexfed.common.cli.options import connection_options, parse_size
+from flexfed.common.trust.log_events import open_log
 
 _PATH = click.Path(path_type=Path)
 
@@ -122,7 +123,7 @@ def serve(directory: Path, listen: str | None) -> None:
 @click.option("--skip-anchor", is_flag=True, help="Do not re-hash the anchor copy.")
 def check(directory: Path, skip_anchor: bool) -> None:
     """Verify that registry, store and log agree; one line per problem, exit 1 on any."""
-    from flexfed.common.translog.log import FileLog, LogLockedError
+    from flexfed.common.translog.filelog import LogLockedError
     from flexfed.server.config import load_config
     from flexfed.server.consistency import check as run_check
     from flexfed.server.coordinator import Coordinator
@@ -130,12 +131,12 @@ def check(directory: Path, skip_anchor: bool) -> None:
     config = load_config(directory)
     with tempfile.TemporaryDirectory(prefix="flexfed-check-") as tmp:
         try:
-            log = FileLog(config.log_file)
+            log = open_log(config.log_file)
         except LogLockedError:
             # NOTE: a serving coordinator holds the log's writer lock; read a copy of it.
             copy = Path(tmp) / config.log_file.name
             shutil.copyfile(config.log_file, copy)
-            log = FileLog(copy)
+            log = open_log(copy)
         with Coordinator(config, log=log) as coordinator:
             problems = run_check(coordinator, anchor=not skip_anchor)
             experts, size = len(coordinator.registry.experts()), coordinator.log.size

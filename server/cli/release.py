@@ -32,10 +32,10 @@ def group() -> None:
 )
 def record(model_dir: Path, log_path: Path, log_key: Path, origin: str) -> None:
     """Log MODEL_DIR's experts and release; write log indices and checkpoint to assembly.json."""
-    from flexfed.common.translog.log import FileLog
+    from flexfed.common.trust.log_events import open_log
     from flexfed.common.trust.release import record_release
 
-    with FileLog(log_path) as log:
+    with open_log(log_path) as log:
         assembly = record_release(model_dir, log, log_key, origin)
         size = log.size
     click.echo(

@@ -56,7 +56,8 @@ import torch
 
 from flexfed.common import __version__
 from flexfed.common.data.corpora import write_domain
-from flexfed.common.data.ingest import is_validation_document, pack_documents, read_documents
+from flexfed.common.data.documents import read_documents
+from flexfed.common.data.packing import is_validation_document, pack_documents
 from flexfed.common.errors import ConfigError, FlexfedError
 from flexfed.common.formats.anchor import Anchor, create_anchor, open_anchor
 from flexfed.common.moe.assembly import assemble
@@ -351,7 +352,7 @@ def wait_owner(proc: subprocess.Popen[bytes], org: str, home: Path) -> Path:
 
 
 @contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
+def torch_threads(n: int) -> Iterator[None]:
     """Run the block with ``n`` intra-op threads, restoring the caller's setting after."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)
@@ -370,7 +371,7 @@ def run_demo(workdir: Path, quick: bool = False, public_model: str = "tiny") -> 
     # NOTE: owners run in their own directories, so every path handed to them is absolute.
     workdir = Path(workdir).resolve()
     s = DemoSettings.preset(quick, public_model)
-    with _torch_threads(THREADS_PER_PROCESS):
+    with torch_threads(THREADS_PER_PROCESS):
         return _run_demo(workdir, s, quick)
 
 

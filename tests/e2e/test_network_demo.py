@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from flexfed.server.demo.network import write_flower_app
+from flexfed.server.demo.parties import write_flower_app
 
 OPTOUT_MARGIN = 0.15  # nats, as tests/e2e/test_demo.py
 TIMEOUT_S = 240  # the whole cold run; ~90 s measured on 2 shared cores

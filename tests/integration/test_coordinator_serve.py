@@ -30,7 +30,8 @@ from flexfed.common.api.transfer import upload_artifact
 from flexfed.common.cli import cli
 from flexfed.common.formats.anchor import Anchor
 from flexfed.common.formats.archive import ArtifactKind, parse_digest
-from flexfed.common.translog.log import FileLog, parse_entry
+from flexfed.common.translog.filelog import FileLog
+from flexfed.common.trust.log_events import parse_entry
 from flexfed.proto.v1 import registry_pb2, registry_pb2_grpc
 from flexfed.server.config import load_config
 

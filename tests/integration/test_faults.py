@@ -54,8 +54,9 @@ from flexfed.common.cli import cli
 from flexfed.common.formats.anchor import Anchor
 from flexfed.common.formats.archive import ArtifactKind, pack_directory, parse_digest
 from flexfed.common.formats.checkpoint import read_json
-from flexfed.common.translog.log import FileLog, parse_entry
+from flexfed.common.translog.filelog import FileLog
 from flexfed.common.trust.audit import audit_model
+from flexfed.common.trust.log_events import parse_entry
 from flexfed.proto.v1 import (
     artifact_pb2,
     artifact_pb2_grpc,

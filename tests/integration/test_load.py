@@ -41,15 +41,9 @@ from flexfed.client.sign import sign_bundle
 from flexfed.common.api.consortium import Connection, ConsortiumClient
 from flexfed.common.cli import cli
 from flexfed.common.formats.anchor import Anchor
-from flexfed.common.translog.log import (
-    SignedCheckpoint,
-    leaf_hash,
-    load_public_key,
-    parse_entry,
-    verify_checkpoint,
-    verify_consistency,
-    verify_inclusion,
-)
+from flexfed.common.translog.checkpoint import SignedCheckpoint, load_public_key, verify_checkpoint
+from flexfed.common.translog.merkle import leaf_hash, verify_consistency, verify_inclusion
+from flexfed.common.trust.log_events import parse_entry
 from flexfed.proto.v1 import artifact_pb2, artifact_pb2_grpc, audit_pb2, audit_pb2_grpc
 from flexfed.server.config import load_config
 

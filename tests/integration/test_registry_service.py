@@ -39,17 +39,11 @@ from flexfed.common.errors import (
 from flexfed.common.formats.anchor import Anchor
 from flexfed.common.formats.archive import ArtifactKind
 from flexfed.common.formats.bundle import validate_bundle
-from flexfed.common.translog.log import (
-    SignedCheckpoint,
-    leaf_hash,
-    load_public_key,
-    parse_entry,
-    verify_checkpoint,
-    verify_consistency,
-    verify_inclusion,
-)
+from flexfed.common.translog.checkpoint import SignedCheckpoint, load_public_key, verify_checkpoint
+from flexfed.common.translog.merkle import leaf_hash, verify_consistency, verify_inclusion
 from flexfed.common.trust.audit import audit_model
 from flexfed.common.trust.ca import revoke
+from flexfed.common.trust.log_events import parse_entry
 from flexfed.common.trust.owner_request import sign_owner_request
 from flexfed.common.trust.signing import BundleVerifier
 from flexfed.proto.v1 import audit_pb2, audit_pb2_grpc, registry_pb2, registry_pb2_grpc

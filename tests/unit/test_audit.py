@@ -49,10 +49,17 @@ from flexfed.common.moe.assembly import (
 )
 from flexfed.common.moe.optout import AssembledModel, optout
 from flexfed.common.public.tiny import build_anchor
-from flexfed.common.translog.log import FileLog, parse_entry
-from flexfed.common.trust.audit import AuditReport, Reason, audit_model
-from flexfed.common.trust.ca import generate_key_and_csr, init_ca, issue_certificate, revoke
-from flexfed.common.trust.log_events import accepted_event, opt_out_event, release_slots
+from flexfed.common.translog.filelog import FileLog
+from flexfed.common.trust.audit import audit_model
+from flexfed.common.trust.audit_report import AuditReport, Reason
+from flexfed.common.trust.ca import init_ca, issue_certificate, revoke
+from flexfed.common.trust.keys import generate_key_and_csr
+from flexfed.common.trust.log_events import (
+    accepted_event,
+    opt_out_event,
+    parse_entry,
+    release_slots,
+)
 from flexfed.common.trust.pki import load_certificate
 from flexfed.common.trust.provenance import ProvenanceSigner
 from flexfed.common.trust.release import (

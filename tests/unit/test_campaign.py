@@ -40,7 +40,7 @@ from flexfed.common.flower.campaign import (
     read_plan,
 )
 from flexfed.common.flower.node_key import generate_node_key
-from flexfed.common.trust.ca import KeyExistsError
+from flexfed.common.trust.keys import KeyExistsError
 from flexfed.server.flower_app import run_campaign
 
 APP = Path(__file__).resolve().parents[2] / "deploy" / "flower-app" / "pyproject.toml"

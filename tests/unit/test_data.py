@@ -15,16 +15,18 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from flexfed.common.data.ingest import (
+from flexfed.common.data.documents import (
     MANIFEST_FORMAT,
     MAX_DOCUMENT_CHARS,
-    PackedData,
     data_commitment,
     find_data_files,
+    read_documents,
+)
+from flexfed.common.data.packing import (
+    PackedData,
     is_validation_document,
     load_training_data,
     pack_documents,
-    read_documents,
 )
 from flexfed.common.errors import ConfigError, DataError
 from flexfed.common.public.tiny import byte_tokenizer

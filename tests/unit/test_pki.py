@@ -34,17 +34,15 @@ from flexfed.common.trust.ca import (
     CA_CRL,
     CA_KEY,
     CaExistsError,
-    CertificateRequestError,
     CsrSignatureError,
-    KeyExistsError,
     UnknownCertificateError,
-    generate_key_and_csr,
     init_ca,
     issue_certificate,
     issued_certificates,
     revoke,
     write_crl,
 )
+from flexfed.common.trust.keys import CertificateRequestError, KeyExistsError, generate_key_and_csr
 from flexfed.common.trust.pki import (
     ROLE_EKUS,
     ROLES,

@@ -26,8 +26,9 @@ from flexfed.common.formats.anchor import Anchor
 from flexfed.common.formats.archive import ArtifactKind, extract_archive
 from flexfed.common.formats.bundle import EXPERT_WEIGHTS
 from flexfed.common.formats.safetensors_io import load_tensors, save_tensors
-from flexfed.common.translog.log import parse_entry
-from flexfed.common.trust.ca import generate_key_and_csr, issue_certificate
+from flexfed.common.trust.ca import issue_certificate
+from flexfed.common.trust.keys import generate_key_and_csr
+from flexfed.common.trust.log_events import parse_entry
 from flexfed.common.trust.signing import BundleVerifier
 from flexfed.server import lifecycle
 from flexfed.server.config import load_config

@@ -46,7 +46,8 @@ from flexfed.common.formats.bundle import (
     read_expert_meta,
 )
 from flexfed.common.public.tiny import build_anchor
-from flexfed.common.trust.ca import generate_key_and_csr, init_ca, issue_certificate, revoke
+from flexfed.common.trust.ca import init_ca, issue_certificate, revoke
+from flexfed.common.trust.keys import generate_key_and_csr
 from flexfed.common.trust.pki import (
     CertificateExpiredError,
     CertificateNotYetValidError,

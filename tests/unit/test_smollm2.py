@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from flexfed.common.public import smollm2
 from flexfed.common.errors import (
     ConfigError,
     DigestMismatchError,
@@ -25,6 +24,7 @@ from flexfed.common.errors import (
 from flexfed.common.formats.anchor import ExpertShapes
 from flexfed.common.formats.checkpoint import Checkpoint, read_json
 from flexfed.common.formats.families import family_of_config
+from flexfed.common.public import smollm2
 
 
 def test_missing_package_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -82,7 +82,7 @@ def pretrained_anchor(tmp_path: Path) -> Anchor:
     import json
 
     from flexfed.client.trainer import load_tokenizer
-    from flexfed.common.data.ingest import pack_documents
+    from flexfed.common.data.packing import pack_documents
     from flexfed.common.moe.recipe import train_dense
     from flexfed.common.public.tiny import build_public_model
 
@@ -103,7 +103,8 @@ def test_expert_learns_its_domain_and_the_assembly_keeps_it(tmp_path: Path) -> N
     """Held-out loss on a domain unlike the public data falls well below the public model's,
     and the assembled MoE (public + expert) keeps that gain."""
     from flexfed.client.trainer import load_tokenizer
-    from flexfed.common.data.ingest import pack_documents, read_documents
+    from flexfed.common.data.documents import read_documents
+    from flexfed.common.data.packing import pack_documents
 
     anchor = pretrained_anchor(tmp_path)
     data = arithmetic_corpus(tmp_path / "sums.jsonl", n=1500)

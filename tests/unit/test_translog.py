@@ -18,32 +18,35 @@ from flexfed.common.errors import (
     MissingFileError,
     VerificationError,
 )
-from flexfed.common.translog.log import (
-    EMPTY_ROOT,
-    LOG_MAGIC,
+from flexfed.common.translog.checkpoint import (
     Checkpoint,
     CheckpointFormatError,
     CheckpointSignatureError,
-    ConsistencyProofError,
-    EntryError,
+    SignedCheckpoint,
+    key_id,
+    load_public_key,
+    sign_checkpoint,
+    verify_checkpoint,
+)
+from flexfed.common.translog.entries import EntryError
+from flexfed.common.translog.filelog import (
+    LOG_MAGIC,
     FileLog,
-    InclusionProofError,
     LogFormatError,
     LogIntegrityError,
     LogLockedError,
+)
+from flexfed.common.translog.merkle import (
+    EMPTY_ROOT,
+    ConsistencyProofError,
+    InclusionProofError,
     MerkleTree,
-    SignedCheckpoint,
-    entry_bytes,
-    key_id,
     leaf_hash,
-    load_public_key,
     node_hash,
-    parse_entry,
-    sign_checkpoint,
-    verify_checkpoint,
     verify_consistency,
     verify_inclusion,
 )
+from flexfed.common.trust.log_events import entry_bytes, open_log, parse_entry
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "translog"
 
@@ -695,7 +698,7 @@ def test_a_rejected_event_writes_nothing(tmp_path: Path) -> None:
     path = tmp_path / "log"
     fill(path, 2)
     before = path.read_bytes()
-    with FileLog(path) as log, pytest.raises(EntryError):
+    with open_log(path) as log, pytest.raises(EntryError):
         log.append({"type": "unknown"})
     assert path.read_bytes() == before
 
