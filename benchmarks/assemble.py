@@ -2,26 +2,24 @@
 
 What is measured, on CPU, with inputs built in code (nothing is downloaded):
 
-- **Throughput.** A synthetic OLMo-2-shaped dense public model is written directly as
-  safetensors (random weights, generated tensor by tensor from a seeded generator), made an
-  anchor with :func:`flexfed.common.formats.anchor.create_anchor` (r_pub = random vectors), and N
-  expert bundles are written with :func:`flexfed.common.formats.bundle.write_bundle`. The baseline is
-  copying the very files assembly reads (the anchor's weight files and every
-  ``expert.safetensors``) into a fresh directory on the same filesystem, each file fsynced as
-  assembly fsyncs each shard: once with ``shutil.copyfile`` (``sendfile`` on Linux), once with
-  a plain ``os.copy_file_range`` loop (the system call assembly itself uses, so that ratio is
-  assembly's own overhead). Assembly is then timed in phases, the way ``flexfed assemble``
-  runs it: open the anchor (headers only), the anchor digest (SHA-256 of every anchor file),
-  validation of every bundle (strict header, keys, shapes, dtype, every value read once for
-  finiteness, SHA-256 of each file), and the write (byte ranges streamed into shards).
-  Throughput is output weight bytes per second, for the write alone and end to end, each as a
-  ratio to the copyfile baseline's bytes per second; CPU seconds (user + system) are shown
-  beside wall seconds, as a hint of which parts are CPU-bound. ``os.sync()`` runs before
-  each timed part so none pays for another's dirty pages; the sources are in the page cache
-  for all of them (they were just written), so this compares CPU and write costs, not cold
-  reads. The copies and the assembly alternate, in a rotating order, for ``--repeat``
-  rounds; times are medians, and the per-round ratios are printed too, because on a shared
-  2-core machine one round can be far off.
+- **Throughput.** A synthetic OLMo-2-shaped dense public model is written directly as safetensors
+(random weights, generated tensor by tensor from a seeded generator), made an anchor with
+:func:`flexfed.common.formats.anchor.create_anchor` (r_pub = random vectors), and N expert bundles
+are written with :func:`flexfed.common.formats.bundle.write_bundle`. The baseline is copying the
+very files assembly reads (the anchor's weight files and every ``expert.safetensors``) into a fresh
+directory on the same filesystem, each file fsynced as assembly fsyncs each shard: once with
+``shutil.copyfile`` (``sendfile`` on Linux), once with a plain ``os.copy_file_range`` loop (the
+system call assembly itself uses, so that ratio is assembly's own overhead). Assembly is then timed
+in phases, the way ``flexfed assemble`` runs it: open the anchor (headers only), the anchor digest
+(SHA-256 of every anchor file), validation of every bundle (strict header, keys, shapes, dtype,
+every value read once for finiteness, SHA-256 of each file), and the write (byte ranges streamed
+into shards). Throughput is output weight bytes per second, for the write alone and end to end, each
+as a ratio to the copyfile baseline's bytes per second; CPU seconds (user + system) are shown beside
+wall seconds, as a hint of which parts are CPU-bound. ``os.sync()`` runs before each timed part so
+none pays for another's dirty pages; the sources are in the page cache for all of them (they were
+just written), so this compares CPU and write costs, not cold reads. The copies and the assembly
+alternate, in a rotating order, for ``--repeat`` rounds; times are medians, and the per-round ratios
+are printed too, because on a shared 2-core machine one round can be far off.
 
 - **Peak memory.** The assembly runs in a child process (this script with ``--child``); the
   child reads its own peak resident set size (``VmHWM`` in ``/proc/self/status``) after

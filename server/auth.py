@@ -1,10 +1,10 @@
 """Who is calling: mutual TLS with the consortium CA, and the role policy of every RPC.
 
 gRPC's TLS layer already refuses a client without a certificate signed by the CA (the server
-requires client authentication). :class:`Authorizer` then reads the verified peer certificate
-of each call, checks it again with flexfed's own rules (:func:`flexfed.common.trust.pki.verify_chain`:
-key usage, role, validity and the current CRL, so a revoked certificate is refused even while
-its TLS session lives on), and enforces which roles may call what:
+requires client authentication). :class:`Authorizer` then reads the verified peer certificate of
+each call, checks it again with flexfed's own rules (:func:`flexfed.common.trust.pki.verify_chain`:
+key usage, role, validity and the current CRL, so a revoked certificate is refused even while its
+TLS session lives on), and enforces which roles may call what:
 
 - ``owner``: upload artifacts, submit experts, opt out and in, for its own organisation only;
 - ``auditor``: read (artifacts, registry, log);

@@ -1,10 +1,10 @@
 """What happens to accepted experts: opt-out and opt-in, revocation, and releases.
 
-Every change is logged first and then written to the registry, under the coordinator's lock
-(as submissions are), so :func:`flexfed.server.consistency.recover` can finish any change a
-crash interrupted from the log alone. The events have the shapes of
-:mod:`flexfed.common.trust.log_events` (what :func:`~flexfed.common.trust.audit.audit_model` reads) plus the
-``expert_id`` the registry is keyed by:
+Every change is logged first and then written to the registry, under the coordinator's lock (as
+submissions are), so :func:`flexfed.server.consistency.recover` can finish any change a crash
+interrupted from the log alone. The events have the shapes of :mod:`flexfed.common.trust.log_events`
+(what :func:`~flexfed.common.trust.audit.audit_model` reads) plus the ``expert_id`` the registry is
+keyed by:
 
 - ``opt-out`` / ``opt-in``: the owner's signed statement, its signature and certificate, so
   anyone reading the log can check that the owner asked;

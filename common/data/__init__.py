@@ -1,1 +1,1 @@
-"""An owner's text data: finding, reading, committing to and packing it; the offline demo corpora."""
+"""An owner's text data: finding, reading, committing to and packing it; the demo corpora."""

@@ -1,1 +1,3 @@
-"""File formats: safetensors, HF checkpoints, model families, the anchor, the expert bundle and its validation, the artifact archive."""
+"""File formats: safetensors, HF checkpoints, model families, the anchor, the expert bundle and its
+validation, the artifact archive.
+"""

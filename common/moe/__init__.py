@@ -1,1 +1,3 @@
-"""The FlexOlmo method: the training recipe and model, router init, assembly, opt-out, evaluation, router tuning."""
+"""The FlexOlmo method: the training recipe and model, router init, assembly, opt-out, evaluation,
+router tuning.
+"""

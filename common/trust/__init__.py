@@ -1,1 +1,3 @@
-"""The trust stack: PKI and CA, bundle signing and provenance, owner requests, the log's events, releases and audits."""
+"""The trust stack: PKI and CA, bundle signing and provenance, owner requests, the log's events,
+releases and audits.
+"""

@@ -45,7 +45,7 @@ def open_log(path: Path | str) -> FileLog:
 
 
 class LogReader(Protocol):
-    """What the audit reads from a log (:class:`~flexfed.common.translog.filelog.FileLog` has it)."""
+    """What the audit reads from a log (a :class:`~flexfed.common.translog.filelog.FileLog`)."""
 
     @property
     def size(self) -> int: ...

@@ -14,10 +14,10 @@ The file is a DSSE JSON envelope (https://github.com/secure-systems-lab/dsse, v1
 
 The signature is over ``PAE(payloadType, payload)`` as the DSSE protocol defines it. DSSE lets
 producers add fields and tells consumers to ignore the ones they do not know, so the signer's
-certificate travels as the extra ``certificate`` field: a verifier checks it against the
-consortium CA (:func:`flexfed.common.trust.pki.verify_chain`), and :mod:`flexfed.common.trust.signing`
-requires it to be the very certificate that signed ``model.sig``. ``keyid`` is only a hint
-(DSSE forbids basing decisions on it).
+certificate travels as the extra ``certificate`` field: a verifier checks it against the consortium
+CA (:func:`flexfed.common.trust.pki.verify_chain`), and :mod:`flexfed.common.trust.signing` requires
+it to be the very certificate that signed ``model.sig``. ``keyid`` is only a hint (DSSE forbids
+basing decisions on it).
 
 The Statement (https://in-toto.io/Statement/v1)::
 

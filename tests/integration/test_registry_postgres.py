@@ -1,6 +1,6 @@
 """The registry on a real PostgreSQL server ("PostgreSQL by URL"), not only SQLite.
 
-Protects: the registry's behaviour of tests/unit/test_registry.py (round trips, accepted
+Protects: the registry's behaviour of tests/unit/server/test_registry.py (round trips, accepted
 once, refusals change nothing, state changes, recovery, releases) holds on PostgreSQL through
 psycopg 3; values PostgreSQL would refuse for length (a signer's long RFC 3339 time) are
 stored; a duplicate insert racing from several threads stays idempotent (on SQLite too); a
@@ -200,7 +200,7 @@ EXPERT = ExpertRecord(
 
 
 def test_registry_round_trips_experts_and_releases(pg_url: str) -> None:
-    """tests/unit/test_registry.py's round trip (less SQLite's WAL pragma), on PostgreSQL."""
+    """tests/unit/server/test_registry.py's round trip (less SQLite's WAL pragma), on PostgreSQL."""
     registry = Registry(pg_url)
     try:
         assert registry.engine.dialect.name == "postgresql"

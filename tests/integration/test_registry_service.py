@@ -64,13 +64,13 @@ def _load(name: str, path: Path) -> ModuleType:
     return module
 
 
-def _catalogue(name: str) -> ModuleType:
+def _catalogue(path: str) -> ModuleType:
     """A unit test module's catalogue (tests/unit is not a package)."""
-    return _load(f"_catalogue_{name}", TESTS / "unit" / f"{name}.py")
+    return _load(f"_catalogue_{Path(path).stem}", TESTS / "unit" / path)
 
 
-BAD = _catalogue("test_bad_bundles")
-TAMPER = _catalogue("test_signing")
+BAD = _catalogue("common/formats/test_bad_bundles.py")
+TAMPER = _catalogue("common/trust/test_signing.py")
 BAD_CODES = {
     MissingFileError: "bundle-invalid",
     BundleError: "bundle-invalid",

@@ -43,7 +43,7 @@ from flexfed.common.flower.node_key import generate_node_key
 from flexfed.common.trust.keys import KeyExistsError
 from flexfed.server.flower_app import run_campaign
 
-APP = Path(__file__).resolve().parents[2] / "deploy" / "flower-app" / "pyproject.toml"
+APP = Path(__file__).resolve().parents[4] / "deploy" / "flower-app" / "pyproject.toml"
 DIGEST = "sha256:" + "ab" * 32
 
 TRAINED = TrainingAnswer(

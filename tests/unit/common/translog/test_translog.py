@@ -48,7 +48,7 @@ from flexfed.common.translog.merkle import (
 )
 from flexfed.common.trust.log_events import entry_bytes, open_log, parse_entry
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "translog"
+FIXTURES = Path(__file__).resolve().parents[3] / "fixtures" / "translog"
 
 
 def h(hexes: str) -> list[bytes]:

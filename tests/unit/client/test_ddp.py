@@ -4,7 +4,7 @@ Two processes sharing each global batch must train the expert that one process t
 same data, seed and global batch. Not bit for bit: the all-reduce sums the two processes'
 gradients in another order than one process accumulates its micro-batches, and float addition
 is not associative, so the tensors agree to float32 reduction-order tolerance (~1e-8 here).
-The single-process run itself stays bit-exact (tests/unit/test_trainer.py).
+The single-process run itself stays bit-exact (tests/unit/client/test_trainer.py).
 
 This file is also the worker script of two tests: torchrun runs it with ``grad`` or ``fail``.
 """

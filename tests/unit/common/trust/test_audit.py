@@ -75,7 +75,7 @@ from flexfed.common.util.digest import sha256_file
 from flexfed.common.util.jsonio import write_json
 from flexfed.server.cli.release import group as release_cli
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[4]
 GOLDEN = ROOT / "tests" / "fixtures" / "audit"
 MODEL_SIGNING = Path(sys.executable).parent / "model_signing"
 ORIGIN = "flexfed.test/audit-log"

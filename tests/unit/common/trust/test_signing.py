@@ -96,7 +96,7 @@ OPENSSL = shutil.which("openssl")
 needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="openssl is not on PATH")
 VENV_BIN = Path(sys.executable).parent
 MODEL_SIGNING = VENV_BIN / "model_signing"
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[4]
 GOLDEN = ROOT / "tests" / "fixtures" / "signing"
 AUDITOR_GUIDE = ROOT / "docs" / "auditor-guide.md"
 
