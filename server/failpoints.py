@@ -34,6 +34,8 @@ import threading
 from pathlib import Path
 from typing import Final
 
+from flexfed.common.util.fs import atomic_write_text
+
 logger = logging.getLogger(__name__)
 
 ENV: Final = "FLEXFED_FAILPOINTS"
@@ -87,9 +89,8 @@ def _trip(name: str, action: str) -> None:  # pragma: no cover - runs in a serve
     folder = os.environ.get(DIR_ENV)
     if folder:
         marker = Path(folder) / name
-        tmp = marker.with_name(f".{name}.tmp-{os.getpid()}")
-        tmp.write_text(f"{os.getpid()}\n", encoding="utf-8")
-        os.replace(tmp, marker)  # NOTE: the marker appears whole (a test polls for it)
+        # NOTE: the marker appears whole (a test polls for it)
+        atomic_write_text(marker, f"{os.getpid()}\n")
     logger.warning("failpoint %s reached (%s)", name, action)
     if action == "crash":
         os.kill(os.getpid(), signal.SIGKILL)

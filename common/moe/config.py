@@ -14,6 +14,8 @@ from typing import Any
 from flexfed.common.errors import ConfigError
 
 DEFAULT_ROUTER_DOCUMENTS = 1000  # documents sampled for a router embedding (r_i, r_pub)
+DEFAULT_ROUTER_MAX_TOKENS = 512  # tokens of each sampled document used
+DEFAULT_ROUTER_SEED = 2025  # the document sample's seed when none is given
 ROUTER_INITS = ("hidden-states", "embedder", "random", "public")
 
 

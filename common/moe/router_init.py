@@ -39,16 +39,20 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from flexfed.common.errors import DataError, InvalidInputError, UnsupportedModelError
-from flexfed.common.moe.config import DEFAULT_ROUTER_DOCUMENTS
+from flexfed.common.moe.config import (
+    DEFAULT_ROUTER_DOCUMENTS,
+    DEFAULT_ROUTER_MAX_TOKENS,
+    DEFAULT_ROUTER_SEED,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DOCUMENTS = DEFAULT_ROUTER_DOCUMENTS
-DEFAULT_MAX_TOKENS = 512
+DEFAULT_MAX_TOKENS = DEFAULT_ROUTER_MAX_TOKENS
 DEFAULT_NORM = 1.0  # L2 norm of every router embedding; None in the API keeps the raw mean
 
 
-def sample_documents(docs: Sequence[str], n: int, seed: int = 2025) -> list[str]:
+def sample_documents(docs: Sequence[str], n: int, seed: int = DEFAULT_ROUTER_SEED) -> list[str]:
     """Up to ``n`` documents, sampled without replacement with a fixed seed."""
     docs = [d for d in docs if d.strip()]
     if not docs:

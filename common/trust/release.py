@@ -48,7 +48,8 @@ from flexfed.common.trust.pki import Identity, PathLike, identity_of, load_certi
 from flexfed.common.trust.signing import load_private_key
 from flexfed.common.util.clock import as_utc, utc_now, utc_now_iso
 from flexfed.common.util.digest import manifest_digest, sha256_file
-from flexfed.common.util.jsonio import write_json
+from flexfed.common.util.fs import atomic_write_text
+from flexfed.common.util.jsonio import dumps_pretty
 
 logger = logging.getLogger(__name__)
 
@@ -190,9 +191,7 @@ def record_release(
     }
     assembly["release_log_index"] = append(release)
     assembly["log_checkpoint"] = log.checkpoint(origin, key).to_text()
-    tmp = root / f".{ASSEMBLY_FILE}.tmp-{os.getpid()}"
-    write_json(tmp, assembly)
-    os.replace(tmp, root / ASSEMBLY_FILE)
+    atomic_write_text(root / ASSEMBLY_FILE, dumps_pretty(assembly))
     logger.info("recorded %s in %s at entry %d", root, log.path, assembly["release_log_index"])
     return assembly
 

@@ -6,6 +6,12 @@ from pathlib import Path
 
 import click
 
+from flexfed.common.moe.config import (
+    DEFAULT_ROUTER_DOCUMENTS,
+    DEFAULT_ROUTER_MAX_TOKENS,
+    DEFAULT_ROUTER_SEED,
+)
+
 
 @click.group("anchor")
 def group() -> None:
@@ -31,12 +37,22 @@ def group() -> None:
     "--out", required=True, type=click.Path(path_type=Path), help="The anchor directory to write."
 )
 @click.option(
-    "--documents", default=1000, show_default=True, type=int, help="Documents sampled for r_pub."
+    "--documents",
+    default=DEFAULT_ROUTER_DOCUMENTS,
+    show_default=True,
+    type=int,
+    help="Documents sampled for r_pub.",
 )
 @click.option(
-    "--max-tokens", default=512, show_default=True, type=int, help="Tokens per document used."
+    "--max-tokens",
+    default=DEFAULT_ROUTER_MAX_TOKENS,
+    show_default=True,
+    type=int,
+    help="Tokens per document used.",
 )
-@click.option("--seed", default=2025, show_default=True, type=int)
+@click.option(
+    "--seed", default=DEFAULT_ROUTER_SEED, show_default=True, type=int, help="Seed of the sample."
+)
 @click.option(
     "--embedder",
     type=click.Choice(["hidden-states", "minilm"]),
