@@ -33,7 +33,7 @@ from click.testing import CliRunner
 from consortium import Member, Pki
 
 # The unit tests of the registry, run again below against PostgreSQL.
-from unit import test_registry as unit
+from unit.server import test_registry as unit
 
 from flexfed.common.cli import cli
 from flexfed.common.errors import ConfigError
