@@ -34,6 +34,7 @@ SUBCOMMANDS: dict[str, str] = {
     "release": "flexfed.server.cli.release:group",
     "audit": "flexfed.common.cli.audit:group",
     "coordinator": "flexfed.server.cli.coordinator:group",
+    "serve": "flexfed.common.cli.serve:command",
 }
 
 _state = {"verbose": False}

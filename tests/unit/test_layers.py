@@ -31,6 +31,7 @@ LAYERS: dict[str, int] = {
     "flexfed.common.trust": 5,
     "flexfed.common.flower": 6,
     "flexfed.common.api": 6,
+    "flexfed.common.serving": 6,
     "flexfed.common.cli": 7,
     "flexfed.client": 8,
     "flexfed.server": 8,
