@@ -29,6 +29,9 @@ TRAIN_OPTIONS = (
     "checkpoint_every",
     "activation_checkpointing",
     "compile",
+    "dp_epsilon",
+    "dp_delta",
+    "dp_max_grad_norm",
 )
 
 

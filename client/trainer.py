@@ -52,8 +52,10 @@ from flexfed.common.formats.bundle import ExpertMeta, write_bundle
 from flexfed.common.formats.names import ORG_PATTERN
 from flexfed.common.moe.config import TrainConfig
 from flexfed.common.moe.evaluation import load_tokenizer as load_model_tokenizer
+from flexfed.common.moe.privacy import DPPlan, plan_dp, poisson_sample, private_gradients
 from flexfed.common.moe.recipe import (
     accumulate_gradients,
+    autocast,
     batch_indices,
     evaluate,
     optimizer_step,
@@ -114,6 +116,7 @@ class _Run:
     start: int = 0  # the step this process starts (or resumes) at
     val_public: float = float("nan")  # held-out loss before training (rank 0)
     history: list[float] = field(default_factory=list)
+    dp: DPPlan | None = None  # differentially private training (DP-SGD), if asked for
 
     @property
     def tokens_per_step(self) -> int:
@@ -196,6 +199,17 @@ def _prepare(
         )
     model.train()
     params = trainable_parameters(model)
+    dp = None
+    if cfg.dp_epsilon is not None:
+        if par.world_size > 1:
+            raise ConfigError("--dp-epsilon trains in one process; run it without torchrun")
+        records = len(packed.train)
+        dp = plan_dp(
+            cfg.dp_epsilon, cfg.dp_delta, cfg.dp_max_grad_norm, cfg.batch_size, records,
+            cfg.max_steps,
+        )  # fmt: skip
+        log.info("DP-SGD: noise multiplier %.4f, sample rate %.5f", dp.noise_multiplier,
+                 dp.sample_rate)  # fmt: skip
     opt = torch.optim.AdamW(
         params,
         lr=cfg.lr,
@@ -205,7 +219,7 @@ def _prepare(
     )
     return _Run(
         cfg, org, name, license, out, par, progress, anchor, commitment, packed, state_dir,
-        model, params, opt, share, micro,
+        model, params, opt, share, micro, dp=dp,
     )  # fmt: skip
 
 
@@ -302,13 +316,15 @@ def _loop(run: _Run) -> float:
     ) as report:
         for step in range(run.start, cfg.max_steps):
             set_lr(run.opt, cfg, step)
-            idx = batch_indices(step, cfg.batch_size, len(train), cfg.seed)
-            batch = train[idx[first : first + run.share]]  # (share, T): this rank's share
-            step_loss = accumulate_gradients(
-                forward, batch, run.micro, par.device, z_loss_term(model, cfg.z_loss_weight), ddp
-            )
-            [step_loss] = mean_over_ranks(par, [step_loss])
-            optimizer_step(run.opt, run.params, cfg.grad_clip)
+            if run.dp is not None:
+                step_loss = _private_step(run, forward, step)
+            else:
+                idx = batch_indices(step, cfg.batch_size, len(train), cfg.seed)
+                batch = train[idx[first : first + run.share]]  # (share, T): this rank's share
+                z_loss = z_loss_term(model, cfg.z_loss_weight)
+                step_loss = accumulate_gradients(forward, batch, run.micro, par.device, z_loss, ddp)
+                [step_loss] = mean_over_ranks(par, [step_loss])
+                optimizer_step(run.opt, run.params, cfg.grad_clip)
             run.history.append(step_loss)
             report(step + 1, step_loss)
             done = step + 1
@@ -318,6 +334,26 @@ def _loop(run: _Run) -> float:
                     save_state(run.state_dir, model, run.opt, done, info)
                 par.barrier()
     return time.monotonic() - t0
+
+
+def _private_step(run: _Run, forward: nn.Module, step: int) -> float:
+    """One DP-SGD step (:mod:`flexfed.common.moe.privacy`): a Poisson sample, per-sequence
+    clipped gradients plus noise, then the optimizer (no further clipping: it would rescale the
+    noise). Returns the sampled sequences' mean loss."""
+    cfg, plan, device = run.cfg, run.dp, run.par.device
+    assert plan is not None
+    z_loss = z_loss_term(run.model, cfg.z_loss_weight)
+
+    def loss_of(ids: torch.Tensor) -> torch.Tensor:
+        with autocast(device):
+            loss: torch.Tensor = forward(input_ids=ids, labels=ids).loss + z_loss()
+        return loss
+
+    batch = run.packed.train[poisson_sample(plan, step, cfg.seed)]
+    step_loss = private_gradients(plan, run.params, loss_of, batch, step, cfg.seed, device)
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    return step_loss
 
 
 # --- 4. finish: held-out loss, the bundle ------------------------------------------------------
@@ -371,6 +407,9 @@ def _meta(run: _Run, final_loss: float, val_expert: float) -> ExpertMeta:
             "code_version": __version__,
             "documents": run.packed.num_documents,
             "hyperparameters": {k: v for k, v in asdict(cfg).items() if k not in _RUNTIME_ONLY},
+            **(
+                {"differential_privacy": run.dp.record(cfg.max_steps)} if run.dp is not None else {}
+            ),
         },
         license=run.license,
     )

@@ -149,6 +149,8 @@ def render_text(report: Any) -> str:
             parts.append(f"weights {_short(s.expert_sha256)} signed by {s.signer}")
         if log_at:
             parts.append(log_at.strip())
+        if getattr(s, "privacy", None):
+            parts.append(f"DP epsilon {s.privacy['epsilon']} (delta {s.privacy['delta']})")
         lines.append(" ".join(parts))
         for f in s.findings:
             lines.append(f"  FAIL {f.reason}: {f.message}")
@@ -180,14 +182,22 @@ def render_markdown(report: Any) -> str:
             f"root `{report.log['root']}`"
         )
     out += [f"- not checked: {item}" for item in report.not_checked]
-    out += ["", "| slot | expert | signer | weights | log | result |", "|---|---|---|---|---|---|"]
+    out += [
+        "",
+        "| slot | expert | signer | weights | log | privacy | result |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for s in report.slots:
         who = "public" if s.kind == "public" else f"{s.org}/{s.name}"
         result = "ok" if s.ok else "FAIL: " + ", ".join(str(f.reason) for f in s.findings)
         log_at = "" if s.log_index is None else str(s.log_index)
+        dp = getattr(s, "privacy", None)
+        privacy = f"DP epsilon {dp['epsilon']}, delta {dp['delta']}" if dp else "no DP"
+        if s.kind == "public":
+            privacy = ""
         out.append(
             f"| {s.slot} | {cell(who)} | {cell(s.signer or '')} | `{_short(s.expert_sha256)}` "
-            f"| {log_at} | {cell(result)} |"
+            f"| {log_at} | {cell(privacy)} | {cell(result)} |"
         )
     if not report.ok:
         out += ["", "## Problems", ""]

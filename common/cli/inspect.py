@@ -16,6 +16,7 @@ from flexfed.common.formats.families import family_of_config
 from flexfed.common.formats.safetensors_io import read_header
 from flexfed.common.moe.assembly import ASSEMBLY_FILE
 from flexfed.common.moe.optout import AssembledModel
+from flexfed.common.moe.privacy import privacy_summary
 from flexfed.common.util.digest import sha256_file
 
 
@@ -30,6 +31,7 @@ def describe(path: Path) -> dict[str, Any]:
             "kind": "expert bundle",
             "path": str(path),
             **meta.to_json(),
+            "differential_privacy": privacy_summary(meta.training),
             "tensors": len(header.tensors),
             "parameters": sum(t.numel for t in header.tensors.values()),
             "weights_sha256": sha256_file(path / EXPERT_WEIGHTS),
@@ -83,7 +85,15 @@ def command(path: Path, as_json: bool) -> None:
     for key, value in info.items():
         if key in {"kind", "path", "slots"}:
             continue
-        if isinstance(value, dict):
+        if key == "differential_privacy" and value is None:
+            value = "none (trained without DP)"
+        elif key == "training" and isinstance(value, dict):
+            value = ", ".join(
+                f"{k}={v}"
+                for k, v in value.items()
+                if k not in ("hyperparameters", "differential_privacy")
+            )
+        elif isinstance(value, dict):
             value = ", ".join(f"{k}={v}" for k, v in value.items())
         elif isinstance(value, list):
             value = ", ".join(str(v) for v in value) or "-"

@@ -91,6 +91,20 @@ class TrainConfig:
         default=False, metadata=_help("Trade compute for memory.")
     )
     compile: bool = field(default=False, metadata=_help("torch.compile the model (CUDA only)."))
+    dp_epsilon: float | None = field(
+        default=None,
+        metadata=_help(
+            "Train with differential privacy (DP-SGD) spending at most this epsilon over the "
+            "whole run, per training sequence (default: no DP)."
+        ),
+    )
+    dp_delta: float = field(
+        default=1e-5,
+        metadata=_help("DP delta; must be below 1 / the number of training sequences."),
+    )
+    dp_max_grad_norm: float = field(
+        default=1.0, metadata=_help("DP-SGD: each sequence's gradient is clipped to this norm.")
+    )
 
     def __post_init__(self) -> None:
         positive = ("seq_len", "batch_size", "micro_batch_size", "max_steps", "checkpoint_every")
@@ -107,6 +121,12 @@ class TrainConfig:
             raise ConfigError(f"router-init must be one of {', '.join(ROUTER_INITS)}")
         if not 0.0 <= self.val_fraction < 0.5:
             raise ConfigError("val-fraction must be in [0, 0.5)")
+        if self.dp_epsilon is not None and not self.dp_epsilon > 0:
+            raise ConfigError("dp-epsilon must be positive")
+        if not 0 < self.dp_delta < 1:
+            raise ConfigError("dp-delta must be in (0, 1)")
+        if not self.dp_max_grad_norm > 0:
+            raise ConfigError("dp-max-grad-norm must be positive")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
 

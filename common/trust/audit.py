@@ -61,6 +61,7 @@ from flexfed.common.moe.assembly import (
     slot_dir_name,
 )
 from flexfed.common.moe.optout import AssembledModel
+from flexfed.common.moe.privacy import privacy_summary
 from flexfed.common.translog.checkpoint import (
     CheckpointFormatError,
     CheckpointSignatureError,
@@ -444,6 +445,7 @@ def _check_expert_slot(
             return
     result.signer = str(verified.identity)
     result.checked += ["owner signature", "weights"]
+    result.privacy = privacy_summary(verified.meta.training)
     signed = {
         "org": verified.org,
         "name": verified.expert_name,

@@ -78,6 +78,8 @@ class SlotResult:
     expert_sha256: str | None = None
     log_index: int | None = None
     signer: str | None = None  # the owner whose signature verified, as Identity prints it
+    # From the signed expert.json: the DP guarantee its trainer recorded (None: trained without).
+    privacy: dict[str, Any] | None = None
     checked: list[str] = field(default_factory=list)  # checks that passed, in order
     findings: list[Finding] = field(default_factory=list)
 
@@ -97,6 +99,7 @@ class SlotResult:
             "expert_sha256": self.expert_sha256,
             "log_index": self.log_index,
             "signer": self.signer,
+            "privacy": self.privacy,
             "checked": list(self.checked),
             "ok": self.ok,
             "findings": [f.to_json() for f in self.findings],
