@@ -81,6 +81,12 @@ MODEL_SIGNING = Path(sys.executable).parent / "model_signing"
 ORIGIN = "flexfed.test/audit-log"
 ORGS = ("acme", "globex", "initech")
 SMALL = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2}
+# acme's trainer recorded a DP guarantee (client train --dp-epsilon); the audit reports it.
+ACME_DP = {
+    "target_epsilon": 8.0, "delta": 1e-05, "max_grad_norm": 1.0, "noise_multiplier": 0.4355,
+    "sample_rate": 0.004, "steps": 100, "records": 2000, "expected_batch_size": 8.0,
+    "accountant": "rdp", "epsilon": 7.998106, "steps_done": 100,
+}  # fmt: skip
 
 
 class Member(NamedTuple):
@@ -130,6 +136,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     for seed, org in enumerate(ORGS, start=1):
         w.members[org] = w.member(org, "owner")
         bundle = make_expert_bundle(anchor, root / "bundles" / org, org, seed=seed)
+        if org == "acme":
+            meta = json.loads((bundle / EXPERT_META).read_text())
+            meta["training"]["differential_privacy"] = ACME_DP
+            write_json(bundle / EXPERT_META, meta)
         sign_bundle(bundle, *w.members[org], [w.ca_pem])
         w.bundles[org] = bundle
     assemble(anchor, [w.bundles[o] for o in ORGS], w.model, top_k=2)
@@ -346,6 +356,13 @@ def test_released_model_passes_the_audit(release: Release, world: World) -> None
         assert s.signer is not None and s.signer.startswith(f"{s.org} (owner")
         assert s.expert_sha256 == sha256_file(world.bundles[str(s.org)] / EXPERT_WEIGHTS)
         assert s.checked == ["owner signature", "weights", "log"]
+    assert [s.privacy for s in report.slots] == [
+        None,
+        {"epsilon": 7.998106, "delta": 1e-05, "max_grad_norm": 1.0, "noise_multiplier": 0.4355,
+         "sample_rate": 0.004, "steps_done": 100},
+        None,
+        None,
+    ]  # fmt: skip
     assert report.checked == ["release signature", "anchor", "log checkpoint", "log"]
     assert report.not_checked == []
     assert "passed" in report.summary()
@@ -765,11 +782,13 @@ def test_audit_verify_exits_0_on_a_good_model_and_4_on_a_tampered_one(
     code, out, err = run_flexfed(capsys, *args)
     assert code == 0, err
     assert "result       PASS" in out and "acme/expert" in out and err == ""
+    assert "DP epsilon 7.998106 (delta 1e-05)" in out
 
     code, out, _ = run_flexfed(capsys, "audit", "report", *args[2:], "--format", "json")
     assert code == 0 and json.loads(out)["ok"] is True
     code, out, _ = run_flexfed(capsys, "audit", "report", *args[2:], "--format", "markdown")
     assert code == 0 and out.startswith(f"# Audit of `{release.model}`: PASS")
+    assert "| DP epsilon 7.998106, delta 1e-05 |" in out and "| no DP |" in out
 
     _experts_swapped(release)
     code, out, err = run_flexfed(capsys, *args)
