@@ -145,7 +145,8 @@ def main() -> None:
     rows: dict[str, dict[str, Any]] = {}
     for name, path in models.items():
         say(f"attacking {name}")
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model.eval()  # type: ignore[no-untyped-call]  # PreTrainedModel.eval is unannotated
         hit = extraction(model, attack, args.prefix)
         ctl = extraction(model, floor, args.prefix)
         loss = evaluate(model, val_ids, 8, torch.device("cpu"), max_batches=1000)

@@ -54,7 +54,7 @@ from flexfed.common.moe.optout import optout
 from flexfed.common.moe.recipe import train_dense
 from flexfed.common.moe.router_init import mlp_input_means, sample_documents
 from flexfed.common.moe.training_model import build_training_model, extract_expert
-from flexfed.server import demo
+from flexfed.server.demo import local as demo
 
 PREFIX = 16
 
@@ -203,14 +203,15 @@ def main() -> None:
 
     eval_domains = ["public", *domains]
     eval_files = {"public": public_corpus, **files}
-    data = {}
+    eval_data: dict[str, torch.Tensor] = {}
     for d in eval_domains:
         docs = held_out(list(read_documents([eval_files[d]])), cfg.val_fraction)
-        data[d] = pack_documents(docs, tokenizer, s.seq_len, 0.0).train[: s.eval_sequences]
+        eval_data[d] = pack_documents(docs, tokenizer, s.seq_len, 0.0).train[: s.eval_sequences]
 
     def logps_of(path: Path) -> dict[str, torch.Tensor]:
-        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        return {d: token_logprobs(m, ids) for d, ids in data.items()}
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        m.eval()  # type: ignore[no-untyped-call]  # PreTrainedModel.eval is unannotated
+        return {d: token_logprobs(m, ids) for d, ids in eval_data.items()}
 
     print(f"[{time.monotonic() - t0:6.0f}s] evaluating", flush=True)
     logp = {name: logps_of(path) for name, path in models.items()}

@@ -44,7 +44,7 @@ from flexfed.common.data.packing import pack_documents
 from flexfed.common.moe.evaluation import held_out, load_tokenizer, routing_statistics
 from flexfed.common.moe.optout import optout
 from flexfed.common.moe.router_tuning import select_proxy, tune_router
-from flexfed.server import demo
+from flexfed.server.demo import local as demo
 
 
 def load_flexmix() -> ModuleType:
