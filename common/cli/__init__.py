@@ -82,7 +82,9 @@ def main(argv: list[str] | None = None) -> None:
         # imported (it reads this once); child processes (the demo's owners) inherit it.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
-        cli.main(args=args, prog_name="flexfed", standalone_mode=False)
+        # NOTE: with standalone_mode=False click does not exit: a command's ctx.exit(n) or
+        # raise Exit(n) comes back as the return value, which must become the exit code.
+        code = cli.main(args=args, prog_name="flexfed", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("flexfed: aborted", err=True)
         sys.exit(130)
@@ -108,4 +110,4 @@ def main(argv: list[str] | None = None) -> None:
             err=True,
         )
         sys.exit(70)
-    sys.exit(0)
+    sys.exit(code if isinstance(code, int) else 0)

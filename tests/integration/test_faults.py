@@ -169,9 +169,18 @@ def coordinator_dir(consortium: Consortium, small_anchor: Anchor, tmp_path: Path
 
 
 def check(directory: Path) -> tuple[int, str]:
-    """``flexfed coordinator check DIR``: exit code and output."""
-    result = CliRunner().invoke(cli, ["coordinator", "check", str(directory)])
-    return result.exit_code, result.output
+    """``flexfed coordinator check DIR`` through the real console script: exit code, output.
+
+    (Not CliRunner: it runs click in standalone mode, which hid that ``main()`` once dropped
+    the command's exit code and exited 0 on problems.)
+    """
+    done = subprocess.run(
+        [str(FLEXFED), "coordinator", "check", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return done.returncode, done.stdout + done.stderr
 
 
 def in_thread(fn: Callable[[], Any]) -> Future[Any]:
