@@ -1,12 +1,12 @@
 """Training-data extraction (the paper's privacy analysis), and utility against epsilon.
 
-One owner ("owner-a", the target) holds a closed domain in which some documents occur several
-times (the canaries: repeated documents are what language models memorise); a second owner
-("owner-b") holds another domain. Every model is attacked on the same canaries: the first
-``--prefix`` tokens in, ``--suffix`` tokens decoded greedily, extracted when the decoded suffix
-equals the true one exactly (:mod:`flexfed.common.moe.extraction`). The same attack on
-held-out documents of the target domain (never trained on) is the floor: what the domain's
-regularity alone gives.
+One owner ("owner-a", the target) holds a closed domain to which short documents cut from
+it are added several times over (the canaries: repeated records are what language models
+memorise); a second owner ("owner-b") holds another domain. Every model is attacked on the
+same canaries: the first ``--prefix`` tokens in, ``--suffix`` tokens decoded greedily,
+extracted when the decoded suffix equals the true one exactly
+(:mod:`flexfed.common.moe.extraction`). The same attack on pieces of held-out documents of
+the target domain (never trained on) is the floor: what the domain's regularity alone gives.
 
 Models, every trained one with the same steps, batch and sequence length:
 
@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("extraction-work"))
     ap.add_argument("--target", default="math", help="the target owner's domain")
     ap.add_argument("--other", default="code", help="the second owner's domain")
-    ap.add_argument("--canaries", type=int, default=64, help="documents repeated in training")
+    ap.add_argument("--canaries", type=int, default=32, help="short documents repeated in training")
     ap.add_argument("--repeats", type=int, default=8, help="times each canary occurs")
     ap.add_argument("--prefix", type=int, default=32, help="prefix tokens given")
     ap.add_argument("--suffix", type=int, default=16, help="suffix tokens to reproduce")
@@ -82,16 +82,25 @@ def main() -> None:
     tokenizer = load_tokenizer(anchor.path)
     need = args.prefix + args.suffix
 
-    # The target's data: its domain, with the canaries (long enough training documents)
-    # repeated. held_out() is a function of each document, so the repeats stay in training.
+    # The target's data: its domain plus the canaries, short documents (the first prefix +
+    # suffix tokens of a training document, cut out) that occur --repeats times. Short,
+    # repeated records are what a small model can memorise. held_out() is a function of each
+    # document's text, so a canary is kept only if it lands in training; the controls are cut
+    # the same way from held-out documents and never trained on.
     docs = list(read_documents([target_file]))
     val = set(held_out(docs, 0.05))
-    long_enough = [d for d in docs if len(tokenizer(d, add_special_tokens=False).input_ids) >= need]
-    canaries = [d for d in long_enough if d not in val][: args.canaries]
-    controls = [d for d in long_enough if d in val][: args.canaries]
+
+    def cut(doc: str) -> str | None:
+        ids = tokenizer(doc, add_special_tokens=False).input_ids
+        return tokenizer.decode(ids[:need]) if len(ids) >= need else None
+
+    cuts = [(d, c) for d in docs if (c := cut(d)) is not None]
+    canaries = [c for d, c in cuts if d not in val and c not in set(held_out([c], 0.05))]
+    canaries = canaries[: args.canaries]
+    controls = [c for d, c in cuts if d in val][: args.canaries]
     data_file = work / "corpora" / "target-with-canaries.jsonl"
     with data_file.open("w") as f:
-        for d in docs + canaries * (args.repeats - 1):
+        for d in docs + canaries * args.repeats:
             f.write(json.dumps({"text": d}) + "\n")
     steps = args.steps or 3 * s.expert_steps
     cfg = TrainConfig(
@@ -151,6 +160,8 @@ def main() -> None:
         ctl = extraction(model, floor, args.prefix)
         loss = evaluate(model, val_ids, 8, torch.device("cpu"), max_batches=1000)
         rows[name] = {
+            "attacked": hit.documents,
+            "controls_attacked": ctl.documents,
             "extracted": hit.extracted,
             "rate": hit.rate,
             "token_match": round(hit.token_match, 4),
@@ -172,8 +183,8 @@ def main() -> None:
     (work / "extraction.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     lines = [
         f"prefix {args.prefix} tokens, suffix {args.suffix} tokens (greedy), "
-        f"{len(canaries)} canaries x {args.repeats} in owner-a's data, "
-        f"{len(controls)} held-out controls; {steps} steps",
+        f"{len(attack)} canaries x {args.repeats} in owner-a's data, "
+        f"{len(floor)} held-out controls; {steps} steps",
         "",
         "| model | extracted | rate | suffix tokens matched | control rate | control tokens "
         "matched | held-out loss |",
@@ -182,7 +193,7 @@ def main() -> None:
     for name, r in rows.items():
         label = name + (f" (epsilon {r['epsilon']})" if "epsilon" in r else "")
         lines.append(
-            f"| {label} | {r['extracted']}/{len(canaries)} | {100 * r['rate']:.1f} % | "
+            f"| {label} | {r['extracted']}/{r['attacked']} | {100 * r['rate']:.1f} % | "
             f"{100 * r['token_match']:.1f} % | {100 * r['control_rate']:.1f} % | "
             f"{100 * r['control_token_match']:.1f} % | {r['held_out_loss']:.3f} |"
         )
