@@ -92,7 +92,7 @@ def main() -> None:
 
     def cut(doc: str) -> str | None:
         ids = tokenizer(doc, add_special_tokens=False).input_ids
-        return tokenizer.decode(ids[:need]) if len(ids) >= need else None
+        return str(tokenizer.decode(ids[:need])) if len(ids) >= need else None
 
     cuts = [(d, c) for d in docs if (c := cut(d)) is not None]
     canaries = [c for d, c in cuts if d not in val and c not in set(held_out([c], 0.05))]
