@@ -35,7 +35,7 @@ from flexfed.common.trust.log_events import open_log
 from flexfed.common.trust.pki import CertificateError, load_certificate, load_crl, verify_chain
 from flexfed.common.trust.signing import load_private_key
 from flexfed.common.util.clock import utc_now
-from flexfed.common.util.fs import write_private
+from flexfed.common.util.fs import atomic_write_text, write_private
 from flexfed.server.config import (
     CONFIG_FILE,
     DEFAULT_DATABASE,
@@ -173,7 +173,8 @@ def _populate(
         registry.set_anchor(AnchorRecord(source.digest, info.digest, config.anchor.family))
     finally:
         registry.close()
-    config.config_file.write_text(config.to_toml(), encoding="utf-8")
+    # 0600: the database URL in it may carry a password.
+    atomic_write_text(config.config_file, config.to_toml(), mode=0o600)
     logger.info("coordinator initialised in %s (anchor %s)", root, info.digest)
     return config
 

@@ -96,8 +96,20 @@ def running(directory: Path) -> Iterator[Running]:
 
 
 def check(directory: Path) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, ["coordinator", "check", str(directory)])
-    return result.exit_code, result.output
+    """``flexfed coordinator check`` through the real console script (its real exit code)."""
+    done = subprocess.run(
+        [str(FLEXFED), "coordinator", "check", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_init_writes_its_secrets_for_the_operator_alone(directory: Path) -> None:
+    """coordinator.toml may hold a database password, log-key.pem signs the log: 0600."""
+    assert (directory / "coordinator.toml").stat().st_mode & 0o777 == 0o600
+    assert (directory / "log" / "log-key.pem").stat().st_mode & 0o777 == 0o600
 
 
 def test_init_refuses_an_existing_coordinator(
