@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from flexfed.common.errors import FlexfedError
+from flexfed.common.util.text import printable
 
 # name -> "module:attribute" of a click command or group
 SUBCOMMANDS: dict[str, str] = {
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     except FlexfedError as err:
         if verbose:
             traceback.print_exc()
-        click.echo(f"flexfed: error: {err}", err=True)
+        click.echo(printable(f"flexfed: error: {err}"), err=True)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         click.echo("flexfed: interrupted", err=True)

@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from flexfed.common.errors import ConfigError
+from flexfed.common.util.text import printable
 
 _PATH = click.Path(path_type=Path)
 
@@ -158,7 +159,8 @@ def render_text(report: Any) -> str:
         lines.append(f"not checked  {item}")
     n = len(report.all_findings)
     lines.append(f"result       {'PASS' if report.ok else f'FAIL ({n} problem(s))'}")
-    return "\n".join(lines)
+    # Names, signers and messages come from the model under audit: never raw to a terminal.
+    return "\n".join(printable(line) for line in lines)
 
 
 def render_markdown(report: Any) -> str:

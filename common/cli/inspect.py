@@ -18,6 +18,7 @@ from flexfed.common.moe.assembly import ASSEMBLY_FILE
 from flexfed.common.moe.optout import AssembledModel
 from flexfed.common.moe.privacy import privacy_summary
 from flexfed.common.util.digest import sha256_file
+from flexfed.common.util.text import printable
 
 
 def describe(path: Path) -> dict[str, Any]:
@@ -81,7 +82,8 @@ def command(path: Path, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2, sort_keys=True))
         return
-    click.echo(f"{info['kind']}: {info['path']}")
+    # Values come from the artifact (an owner wrote expert.json): never raw to the terminal.
+    click.echo(printable(f"{info['kind']}: {info['path']}"))
     for key, value in info.items():
         if key in {"kind", "path", "slots"}:
             continue
@@ -97,8 +99,9 @@ def command(path: Path, as_json: bool) -> None:
             value = ", ".join(f"{k}={v}" for k, v in value.items())
         elif isinstance(value, list):
             value = ", ".join(str(v) for v in value) or "-"
-        click.echo(f"  {key:<18} {value}")
+        click.echo(printable(f"  {key:<18} {value}"))
     for slot in info.get("slots", []):
         who = slot.get("org") or "public"
         digest = (slot.get("expert_sha256") or "")[:16]
-        click.echo(f"  slot {slot['slot']:<3} {who:<20} {slot.get('name', ''):<16} {digest}")
+        line = f"  slot {slot['slot']:<3} {who:<20} {slot.get('name', ''):<16} {digest}"
+        click.echo(printable(line))

@@ -169,3 +169,27 @@ def test_assemble_into_an_existing_directory_touches_nothing(
     assert "already exists" in one_error_line(proc)
     assert listing(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["experts", "precious"]
+
+
+def test_inspect_never_sends_an_artifacts_control_characters_to_the_terminal(
+    anchor: Anchor, tmp_path: Path
+) -> None:
+    """An owner's expert.json may carry ESC sequences (set the title, clear the screen)."""
+    from dataclasses import replace
+
+    from conftest import make_meta
+
+    from flexfed.common.formats.bundle import write_bundle
+    from flexfed.common.moe.training_model import build_training_model, extract_expert
+
+    meta = replace(make_meta(anchor, "acme"), license="MIT\x1b]0;pwned\x07\x1b[2J\u202eevil")
+    bundle = write_bundle(
+        tmp_path / "bundle", extract_expert(build_training_model(anchor)), meta, anchor
+    )
+    shown = flexfed("inspect", bundle)
+    assert shown.returncode == 0, shown.stderr
+    assert "\x1b" not in shown.stdout and "\x07" not in shown.stdout
+    assert "\u202e" not in shown.stdout
+    assert "license            MIT\\x1b]0;pwned\\x07\\x1b[2J\\u202eevil" in shown.stdout
+    as_json = flexfed("inspect", bundle, "--json")
+    assert json.loads(as_json.stdout)["license"] == "MIT\x1b]0;pwned\x07\x1b[2J\u202eevil"
