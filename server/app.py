@@ -22,7 +22,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from flexfed.common.api.tls import CHANNEL_OPTIONS, server_credentials
 from flexfed.common.errors import ConfigError
+from flexfed.common.formats.bundle import max_bundle_bytes
 from flexfed.proto.v1 import audit_pb2_grpc, registry_pb2_grpc
+from flexfed.server.admission import StreamSlots
 from flexfed.server.audit_service import AuditServicer
 from flexfed.server.auth import Authorizer
 from flexfed.server.config import CoordinatorConfig
@@ -69,10 +71,15 @@ def _add_artifacts(server: grpc.Server, coordinator: Coordinator, auth: Authoriz
     except ImportError:  # pragma: no cover - only while the data plane is being built
         logger.warning("flexfed.server.artifacts is missing: serving without ArtifactService")
         return
+    limits = coordinator.config.limits
     artifact_pb2_grpc.add_ArtifactServiceServicer_to_server(
         # FIX: stalled streams are cancelled after limits.stream_idle_seconds (see artifacts).
         ArtifactServicer(
-            coordinator.store, auth, idle_seconds=coordinator.config.limits.stream_idle_seconds
+            coordinator.store,
+            auth,
+            idle_seconds=limits.stream_idle_seconds,
+            slots=StreamSlots(total=limits.transfer_streams, per_member=limits.streams_per_member),
+            max_bundle_bytes=max_bundle_bytes(coordinator.anchor),
         ),
         server,
     )
@@ -91,6 +98,9 @@ def build_server(coordinator: Coordinator, *, listen: str | None = None) -> Coor
             max_workers=config.limits.workers, thread_name_prefix="flexfed-rpc"
         ),
         options=CHANNEL_OPTIONS,
+        # Calls beyond this are refused with RESOURCE_EXHAUSTED at once, not queued without
+        # bound; transfer streams have their own, lower bounds (flexfed.server.admission).
+        maximum_concurrent_rpcs=config.limits.max_concurrent_rpcs,
     )
     _add_artifacts(server, coordinator, auth)
     registry_pb2_grpc.add_RegistryServiceServicer_to_server(

@@ -16,10 +16,9 @@ Streams and threads: every chunk of an Upload stream is written and fsynced befo
 is read, so a stream that breaks midway loses nothing that was counted; the client asks
 GetUpload for the offset and resumes. Each stream occupies one thread of the server's pool
 while it lives, and a stalled client (one that opens a stream and sends or reads nothing)
-holds only its own thread; no lock is held while waiting for a client. The server should
-therefore be built with a pool sized for the expected concurrent transfers and the same
-bound as ``maximum_concurrent_rpcs`` (so that calls beyond it are refused with
-``RESOURCE_EXHAUSTED`` at once instead of queueing behind stalled ones), and keepalive
+holds only its own thread; no lock is held while waiting for a client. Streams are admitted
+per member and in all by :class:`~flexfed.server.admission.StreamSlots`, which keeps threads
+free for the short calls; the server is built with ``maximum_concurrent_rpcs`` and keepalive
 options so that dead peers are noticed; clients (:mod:`flexfed.common.api.transfer`) cancel a
 stream that makes no progress within their deadline and resume it. The server cancels a
 stream that makes no progress for ``idle_seconds`` (``limits.stream_idle_seconds``)
@@ -32,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
 from typing import NoReturn
 
 import grpc
@@ -40,6 +40,7 @@ from flexfed.common.errors import DigestMismatchError, FlexfedError, InvalidInpu
 from flexfed.common.formats.archive import ArtifactInfo, ArtifactKind
 from flexfed.common.util.watchdog import IdleWatchdog
 from flexfed.proto.v1 import artifact_pb2, artifact_pb2_grpc
+from flexfed.server.admission import StreamLimitError, StreamSlots
 from flexfed.server.auth import Authorizer, Caller, abort, status_of
 from flexfed.server.config import DEFAULT_STREAM_IDLE_SECONDS
 from flexfed.server.store import (
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 # Most specific first: the first class an error is an instance of gives its status.
 _STATUS: list[tuple[type[FlexfedError], grpc.StatusCode]] = [
     (ArtifactTooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (StreamLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (UnknownUploadError, grpc.StatusCode.NOT_FOUND),
     (UnknownArtifactError, grpc.StatusCode.NOT_FOUND),
     (UploadPermissionError, grpc.StatusCode.PERMISSION_DENIED),
@@ -127,10 +129,17 @@ class ArtifactServicer(artifact_pb2_grpc.ArtifactServiceServicer):  # type: igno
         authorizer: Authorizer,
         *,
         idle_seconds: float = DEFAULT_STREAM_IDLE_SECONDS,
+        slots: StreamSlots | None = None,
+        max_bundle_bytes: int | None = None,
     ) -> None:
         self.store = store
         self.auth = authorizer
         self.idle_seconds = idle_seconds  # a stream without progress this long is cancelled
+        # Transfer streams open at once, per member and in all (flexfed.server.admission).
+        self.slots = slots or StreamSlots(total=1 << 30, per_member=1 << 30)
+        # The largest valid expert bundle for the anchor: an owner's upload above it can
+        # only be refused at submission, so it is refused before a byte is stored.
+        self.max_bundle_bytes = max_bundle_bytes
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -158,6 +167,16 @@ class ArtifactServicer(artifact_pb2_grpc.ArtifactServiceServicer):  # type: igno
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{caller} may upload expert bundles only, not a {kind.label}",
             )
+        bound = self.max_bundle_bytes
+        if kind == ArtifactKind.EXPERT_BUNDLE and bound is not None and request.size > bound:
+            # FIX (issue 12): a 64 MiB "bundle" was stored for an anchor whose bundles are
+            # about 3 MB; only the server-wide max_artifact_bytes bounded it.
+            abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"an expert bundle for this anchor is at most {bound} bytes; "
+                f"{request.size} bytes cannot be a valid one",
+            )
         try:
             state = self.store.start_upload(kind, request.size, request.digest, caller.org)
         except FlexfedError as err:
@@ -181,7 +200,7 @@ class ArtifactServicer(artifact_pb2_grpc.ArtifactServiceServicer):  # type: igno
         # FIX: cancelled after idle_seconds without a chunk (see _idle_cancel).
         idle = _idle_cancel(context, self.idle_seconds, f"upload stream from {caller}")
         try:
-            with idle:
+            with self.slots.hold(caller.org, "an Upload stream"), idle:
                 for chunk in request_iterator:
                     if upload_id is None:
                         upload_id = chunk.upload_id
@@ -234,7 +253,17 @@ class ArtifactServicer(artifact_pb2_grpc.ArtifactServiceServicer):  # type: igno
     def Download(
         self, request: artifact_pb2.DownloadRequest, context: grpc.ServicerContext
     ) -> Iterator[artifact_pb2.DownloadChunk]:
-        self.auth.require(context, "owner", "auditor")
+        caller = self.auth.require(context, "owner", "auditor")
+        with ExitStack() as held:
+            try:
+                held.enter_context(self.slots.hold(caller.org, "a Download stream"))
+            except StreamLimitError as err:
+                self._fail(context, err)
+            yield from self._download(request, context)
+
+    def _download(
+        self, request: artifact_pb2.DownloadRequest, context: grpc.ServicerContext
+    ) -> Iterator[artifact_pb2.DownloadChunk]:
         try:
             info = self.store.info(request.digest)
             blob = self.store.open(request.digest)

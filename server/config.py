@@ -35,7 +35,10 @@ DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_DATABASE = "sqlite:///registry.db"
 DEFAULT_MAX_ARTIFACT_BYTES = 64 << 30
 DEFAULT_MAX_CHUNK_BYTES = 1 << 20
-DEFAULT_WORKERS = 8
+DEFAULT_WORKERS = 16
+DEFAULT_RESERVED_WORKERS = 4
+DEFAULT_STREAMS_PER_MEMBER = 2
+DEFAULT_MAX_CONCURRENT_RPCS = 64
 DEFAULT_GRACE_SECONDS = 10.0
 DEFAULT_STREAM_IDLE_SECONDS = 120.0
 
@@ -51,15 +54,44 @@ class Limits:
     # FIX (tests/integration/test_load.py): an Upload/Download stream without progress for
     # this long is cancelled, freeing its worker; `workers` stalled streams froze the server.
     stream_idle_seconds: float = DEFAULT_STREAM_IDLE_SECONDS
+    # FIX (issue 12; tests/integration/test_admission.py): the idle watchdog alone let one
+    # member hold every worker with `workers` idle streams for idle_seconds at a time, and
+    # the health check starved with the rest. Transfer streams are bounded per member and in
+    # all, leaving `reserved_workers` threads to the short calls (flexfed.server.admission).
+    streams_per_member: int = DEFAULT_STREAMS_PER_MEMBER
+    reserved_workers: int = DEFAULT_RESERVED_WORKERS
+    max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS  # beyond it: refused, not queued
+
+    @property
+    def transfer_streams(self) -> int:
+        """Upload and Download streams open at once, all members together."""
+        return self.workers - self.reserved_workers
 
     def __post_init__(self) -> None:
-        for name in ("max_artifact_bytes", "max_chunk_bytes", "workers"):
+        for name in (
+            "max_artifact_bytes",
+            "max_chunk_bytes",
+            "workers",
+            "streams_per_member",
+            "reserved_workers",
+            "max_concurrent_rpcs",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"limits.{name} must be a positive integer, got {value!r}")
         # NOTE: a chunk travels in one gRPC message; flexfed.common.api.tls caps messages at 8 MiB.
         if self.max_chunk_bytes > 4 << 20:
             raise ConfigError("limits.max_chunk_bytes must be at most 4 MiB (4194304)")
+        if self.reserved_workers >= self.workers:
+            raise ConfigError(
+                f"limits.reserved_workers ({self.reserved_workers}) must be below limits.workers "
+                f"({self.workers}): the rest serve transfer streams"
+            )
+        if self.max_concurrent_rpcs < self.workers:
+            raise ConfigError(
+                f"limits.max_concurrent_rpcs ({self.max_concurrent_rpcs}) must be at least "
+                f"limits.workers ({self.workers})"
+            )
         if not isinstance(self.grace_seconds, int | float) or self.grace_seconds < 0:
             raise ConfigError("limits.grace_seconds must be a number of seconds, 0 or more")
         idle = self.stream_idle_seconds
@@ -169,7 +201,7 @@ class CoordinatorConfig:
             "# Relative paths are relative to this file's directory.",
             f"format = {_quote(CONFIG_FORMAT)}",
             f"listen = {_quote(self.listen)}",
-            "# any SQLAlchemy URL, e.g. postgresql://user@host/flexfed",
+            "# any SQLAlchemy URL, e.g. postgresql+psycopg://user@host/flexfed",
             f"database = {_quote(self.database)}",
             "",
             "[limits]",
@@ -178,6 +210,11 @@ class CoordinatorConfig:
             f"workers = {self.limits.workers}",
             f"grace_seconds = {float(self.limits.grace_seconds)}",
             f"stream_idle_seconds = {float(self.limits.stream_idle_seconds)}",
+            "# Upload/Download streams one organisation may hold open at once, and the",
+            "# threads kept free of transfers for the short calls (registry, audit, health)",
+            f"streams_per_member = {self.limits.streams_per_member}",
+            f"reserved_workers = {self.limits.reserved_workers}",
+            f"max_concurrent_rpcs = {self.limits.max_concurrent_rpcs}",
             "",
             "[tls]",
             f"ca_cert = {path(self.tls.ca_cert)}",

@@ -41,12 +41,7 @@ from flexfed.common.errors import (
     VerificationError,
 )
 from flexfed.common.formats.archive import ArtifactKind, extract_archive, parse_digest
-from flexfed.common.formats.bundle import (
-    MAX_ATTESTATION_BYTES,
-    MAX_META_BYTES,
-    max_weights_bytes,
-    validate_bundle,
-)
+from flexfed.common.formats.bundle import max_bundle_bytes, validate_bundle
 from flexfed.common.trust.log_events import accepted_event
 from flexfed.common.trust.pki import CertificateError, CertificateRevokedError, CrlError
 from flexfed.common.trust.provenance import ProvenanceError
@@ -159,10 +154,7 @@ class SubmissionPipeline:
         self.coordinator = coordinator
         self._lock = threading.Lock()
         anchor = coordinator.anchor
-        # A bundle's files, each at its limit, plus tar headers and padding.
-        self.max_bundle_bytes = (
-            max_weights_bytes(anchor) + MAX_META_BYTES + 2 * MAX_ATTESTATION_BYTES + 64 * 1024
-        )
+        self.max_bundle_bytes = max_bundle_bytes(anchor)
 
     def submit(self, artifact_digest: str, caller_org: str | None) -> Submission:
         """Accept the uploaded bundle ``artifact_digest`` or say why not.

@@ -6,6 +6,14 @@ Importable from every test (tests/ is on sys.path): ``from consortium import Pki
 from __future__ import annotations
 
 import datetime as dt
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -102,3 +110,56 @@ class Consortium:
             "--listen", "127.0.0.1:0",
             "--origin", origin,
         ]  # fmt: skip
+
+
+FLEXFED = Path(sys.executable).parent / "flexfed"
+
+
+@contextmanager
+def served_coordinator(
+    consortium: Consortium,
+    anchor: Path,
+    work: Path,
+    origin: str,
+    limits: Mapping[str, float | int] = {},
+) -> Iterator[tuple[Path, str]]:
+    """``flexfed coordinator init`` then ``serve`` as a real subprocess; yields the coordinator
+    directory and the address it serves on. ``limits`` overrides keys of ``[limits]`` in the
+    generated coordinator.toml (each must be there already). Stops it with SIGTERM and checks
+    it exits 0; its stderr is ``work/serve.log``."""
+    from click.testing import CliRunner
+
+    from flexfed.common.cli import cli
+
+    root = work / "coordinator"
+    result = CliRunner().invoke(cli, consortium.coordinator_init_args(root, anchor, origin))
+    assert result.exit_code == 0, result.output
+    toml = root / "coordinator.toml"
+    text = toml.read_text()
+    for key, value in limits.items():
+        text, n = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
+        assert n == 1, f"{key} is not in coordinator.toml"
+    toml.write_text(text)
+    log = work / "serve.log"
+    stderr = open(log, "w")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(
+        [str(FLEXFED), "coordinator", "serve", str(root)],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        assert process.stdout is not None
+        ready, _, _ = select.select([process.stdout], [], [], 60)
+        line = process.stdout.readline() if ready else ""
+        address = line.split("serving on ")[-1].split()[0] if "serving on" in line else ""
+        assert address, f"no start line: {line!r}\n{log.read_text()}"
+        yield root, address
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        stderr.close()

@@ -106,10 +106,15 @@ def _retryable(err: BaseException) -> bool:
         return False
     code = err.code()
     details = err.details() or ""
-    # A server at its maximum_concurrent_rpcs answers RESOURCE_EXHAUSTED: busy, not too big.
+    # A server at its maximum_concurrent_rpcs, or with no transfer stream free for us
+    # (flexfed.server.admission), answers RESOURCE_EXHAUSTED: busy, not too big.
     return code in _RETRYABLE or (
-        code == grpc.StatusCode.RESOURCE_EXHAUSTED and "Concurrent RPC limit" in details
+        code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        and ("Concurrent RPC limit" in details or details.startswith(BUSY))
     )
+
+
+BUSY = "busy:"  # how the coordinator starts a refusal that ends when a stream does
 
 
 class _Stalled(Exception):

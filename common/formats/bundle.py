@@ -239,6 +239,12 @@ def max_weights_bytes(anchor: Anchor) -> int:
     return data + 8 + MAX_HEADER_BYTES
 
 
+def max_bundle_bytes(anchor: Anchor) -> int:
+    """The largest tar stream a valid expert bundle for ``anchor`` can be: each of its files
+    at its limit, plus tar headers and padding."""
+    return max_weights_bytes(anchor) + MAX_META_BYTES + 2 * MAX_ATTESTATION_BYTES + 64 * 1024
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:

@@ -53,7 +53,7 @@ def group() -> None:
 @click.option(
     "--max-artifact-size", default="64GiB", show_default=True, help="Largest upload accepted."
 )
-@click.option("--workers", default=8, show_default=True, type=int, help="Threads serving calls.")
+@click.option("--workers", default=16, show_default=True, type=int, help="Threads serving calls.")
 def init(
     directory: Path,
     ca_cert: Path,

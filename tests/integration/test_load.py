@@ -4,8 +4,9 @@ A real ``flexfed coordinator serve`` subprocess; eight organisations certified b
 consortium CA, each with its own mutual-TLS channel in its own thread, upload and submit a
 signed tiny expert at the same moment (``flexfed.common.api.consortium.ConsortiumClient``, which
 also checks each acceptance's inclusion proof). Before they start, stalled clients hold every
-one of the server's worker threads with Upload streams of a 10-minute deadline: seven that
-never send a chunk and one that sends one and goes silent.
+transfer stream the server admits with Upload streams of a 10-minute deadline: eleven that
+never send a chunk and one that sends one and goes silent (one member may hold them all
+here; by default it may hold two, see test_admission.py).
 
 Protects: all eight are accepted, at distinct log indexes, one entry each; every checkpoint
 an owner saw right after its acceptance is consistent with the final signed checkpoint (the
@@ -13,18 +14,15 @@ log only grew), and each acceptance is included in the final tree, all verified 
 log key from the coordinator directory (not the server's word); ``flexfed coordinator check``
 passes while serving; the stalled streams are cancelled by the server after
 ``limits.stream_idle_seconds`` (whatever their deadline), so they delay the others by that
-much and block nobody; the silent one's chunk stays durable for its resume. (Before that
-limit existed, as many stalled streams as workers froze every call until their deadline.)
+much and block nobody (the owners' uploads are refused "busy" and retried); the silent
+one's chunk stays durable for its resume. (Before that limit existed, as many stalled streams
+as workers froze every call until their deadline.)
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import re
-import select
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -35,7 +33,7 @@ import grpc
 import pytest
 from click.testing import CliRunner
 from conftest import make_expert_bundle
-from consortium import Consortium, Member
+from consortium import Consortium, Member, served_coordinator
 
 from flexfed.client.sign import sign_bundle
 from flexfed.common.api.consortium import Connection, ConsortiumClient
@@ -52,7 +50,8 @@ FLEXFED = Path(sys.executable).parent / "flexfed"
 ORIGIN = "load.example/log"
 OWNERS = 8
 CHUNK = 16 * 1024
-WORKERS = 8  # the default limits.workers
+WORKERS = 16  # the default limits.workers
+STREAMS = 12  # the transfer streams they serve at once: workers - reserved_workers (4)
 IDLE = 3.0  # limits.stream_idle_seconds for this test
 
 
@@ -60,37 +59,14 @@ IDLE = 3.0  # limits.stream_idle_seconds for this test
 def served(
     consortium: Consortium, small_anchor: Anchor, tmp_path: Path
 ) -> Iterator[tuple[Path, str]]:
-    """A coordinator directory and the address of its ``serve`` subprocess."""
-    root = tmp_path / "coordinator"
-    args = consortium.coordinator_init_args(root, small_anchor.path, ORIGIN)
-    result = CliRunner().invoke(cli, args)
-    assert result.exit_code == 0, result.output
-    toml = root / "coordinator.toml"
-    text = toml.read_text()
-    assert f"workers = {WORKERS}\n" in text and "stream_idle_seconds = " in text
-    toml.write_text(re.sub(r"stream_idle_seconds = .*", f"stream_idle_seconds = {IDLE}", text))
-    stderr = open(tmp_path / "serve.log", "w")  # noqa: SIM115 - closed below
-    process = subprocess.Popen(
-        [str(FLEXFED), "coordinator", "serve", str(root)],
-        stdout=subprocess.PIPE,
-        stderr=stderr,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    try:
-        assert process.stdout is not None
-        ready, _, _ = select.select([process.stdout], [], [], 60)
-        line = process.stdout.readline() if ready else ""
-        address = line.split("serving on ")[-1].split()[0] if "serving on" in line else ""
-        assert address, f"no start line: {line!r}\n{(tmp_path / 'serve.log').read_text()}"
-        yield root, address
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0, (tmp_path / "serve.log").read_text()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        stderr.close()
+    """A coordinator directory and the address of its ``serve`` subprocess.
+
+    One member may hold every transfer stream here (as many as the default workers leave
+    to transfers), so the stalled streams below fill them all."""
+    limits = {"stream_idle_seconds": IDLE, "streams_per_member": STREAMS}
+    with served_coordinator(consortium, small_anchor.path, tmp_path, ORIGIN, limits) as served:
+        assert f"workers = {WORKERS}\n" in (served[0] / "coordinator.toml").read_text()
+        yield served
 
 
 class Stalled:
@@ -151,8 +127,8 @@ def test_eight_owners_submit_at_once_past_stalled_streams(
         time.sleep(0.02)
     stalled = [one_chunk]
     stalled += [
-        Stalled(consortium.channel(address, consortium.acme), chunks=0) for _ in range(WORKERS - 1)
-    ]  # now every worker is held
+        Stalled(consortium.channel(address, consortium.acme), chunks=0) for _ in range(STREAMS - 1)
+    ]  # now every transfer stream is held
     held_from = time.monotonic()
 
     barrier = threading.Barrier(OWNERS)

@@ -145,7 +145,13 @@ def test_init_refuses_a_tls_identity_that_is_not_an_operator(
     [
         (lambda t: t.replace('listen = "127.0.0.1:50051"', 'listen = "nowhere"'), "HOST:PORT"),
         (lambda t: t + "\n[extra]\n", "unknown setting"),
-        (lambda t: t.replace("workers = 8", "workers = 0"), "workers must be a positive"),
+        (lambda t: t.replace("workers = 16", "workers = 0"), "workers must be a positive"),
+        (
+            lambda t: t.replace("workers = 16", "workers = 4"),
+            r"reserved_workers \(4\) must be below",
+        ),
+        (lambda t: t.replace("max_concurrent_rpcs = 64", "max_concurrent_rpcs = 8"), "at least"),
+        (lambda t: t.replace("streams_per_member = 2", "streams_per_member = 0"), "positive"),
         (lambda t: t.replace("[log]", "[log"), "not valid TOML"),
         (lambda t: t.replace('origin = "test.example/log"', 'origin = "a b"'), "log origin"),
     ],
