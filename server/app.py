@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 
 import grpc
@@ -31,6 +32,7 @@ from flexfed.server.config import CoordinatorConfig
 from flexfed.server.consistency import recover
 from flexfed.server.coordinator import Coordinator
 from flexfed.server.registry_service import RegistryServicer
+from flexfed.server.statuses import StatusInterceptor
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +87,13 @@ def _add_artifacts(server: grpc.Server, coordinator: Coordinator, auth: Authoriz
     )
 
 
+def _private_paths(config: CoordinatorConfig) -> list[Path]:
+    """Where the coordinator keeps its files: never named to a caller."""
+    tls = config.tls
+    files = [tls.ca_cert, tls.cert, tls.key, *([tls.crl] if tls.crl else [])]
+    return [config.root, *(f.parent for f in files)]
+
+
 def build_server(coordinator: Coordinator, *, listen: str | None = None) -> CoordinatorServer:
     """Every service on one server with mTLS, bound to ``listen`` (default: the config's).
 
@@ -101,6 +110,9 @@ def build_server(coordinator: Coordinator, *, listen: str | None = None) -> Coor
         # Calls beyond this are refused with RESOURCE_EXHAUSTED at once, not queued without
         # bound; transfer streams have their own, lower bounds (flexfed.server.admission).
         maximum_concurrent_rpcs=config.limits.max_concurrent_rpcs,
+        # FIX (issue 12): unexpected errors reached callers as UNKNOWN with server paths and
+        # database hosts in the text; every method now answers a precise, scrubbed status.
+        interceptors=[StatusInterceptor(_private_paths(config))],
     )
     _add_artifacts(server, coordinator, auth)
     registry_pb2_grpc.add_RegistryServiceServicer_to_server(

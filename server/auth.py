@@ -105,9 +105,21 @@ class Authorizer:
             abort(context, grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
         try:
             return self.identify(certs[0])
+        except (OSError, CrlError) as err:
+            # FIX (issue 12): a deleted CRL answered UNKNOWN "[Errno 2] ...<path>". The CRL is
+            # the coordinator's (a bad one is never the caller's fault); without it revoked
+            # members cannot be told apart, so every call is refused (a missing or broken CRL
+            # must not un-revoke anybody), naming no path.
+            log.error("cannot read the CRL %s: %s; refusing every call", self.crl_path, err)
+            abort(
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                "the coordinator cannot read its certificate revocation list; it refuses "
+                "every call until its operator restores it",
+            )
         except (CertificateRevokedError, CertificateRoleError) as err:
             abort(context, grpc.StatusCode.PERMISSION_DENIED, str(err))
-        except (CertificateError, CrlError, ValueError) as err:
+        except (CertificateError, ValueError) as err:
             abort(context, grpc.StatusCode.UNAUTHENTICATED, f"certificate refused: {err}")
 
     def require(self, context: grpc.ServicerContext, *roles: str) -> Caller:

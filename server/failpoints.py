@@ -9,11 +9,15 @@ The variable is a comma-separated list of ``name`` or ``name=ACTION``:
 - ``pause`` (the default): write the marker file ``$FLEXFED_FAILPOINT_DIR/<name>`` (so the
   test knows the server got there), then block the calling thread forever; the test kills
   the process with SIGKILL;
-- ``crash``: write the marker, then SIGKILL this process at once.
+- ``crash``: write the marker, then SIGKILL this process at once;
+- ``enospc``: write the marker, then raise ``OSError(ENOSPC)`` as a full disk would (the
+  server goes on).
 
 Example: ``FLEXFED_FAILPOINTS=submit-after-log FLEXFED_FAILPOINT_DIR=/tmp/fp flexfed
 coordinator serve DIR``. The failpoints the server has (see :data:`NAMES`):
 
+``upload-write``
+    an upload chunk is checked and about to be written (store.append);
 ``upload-after-chunk``
     an upload chunk is written and fdatasynced, not yet acknowledged (store.append);
 ``submit-after-log``
@@ -27,6 +31,7 @@ coordinator serve DIR``. The failpoints the server has (see :data:`NAMES`):
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -40,8 +45,9 @@ logger = logging.getLogger(__name__)
 
 ENV: Final = "FLEXFED_FAILPOINTS"
 DIR_ENV: Final = "FLEXFED_FAILPOINT_DIR"
-ACTIONS: Final = ("pause", "crash")
+ACTIONS: Final = ("pause", "crash", "enospc")
 NAMES: Final = (
+    "upload-write",
     "upload-after-chunk",
     "submit-after-log",
     "release-after-assembly",
@@ -92,6 +98,8 @@ def _trip(name: str, action: str) -> None:  # pragma: no cover - runs in a serve
         # NOTE: the marker appears whole (a test polls for it)
         atomic_write_text(marker, f"{os.getpid()}\n")
     logger.warning("failpoint %s reached (%s)", name, action)
+    if action == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
     if action == "crash":
         os.kill(os.getpid(), signal.SIGKILL)
     forever = threading.Event()

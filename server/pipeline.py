@@ -168,7 +168,9 @@ class SubmissionPipeline:
                 return self._submit(artifact_digest, caller_org)
             except Refusal as refusal:
                 logger.info("refused %s: %s (%s)", artifact_digest, refusal.code, refusal.reason)
-                return Submission(False, reason_code=refusal.code, reason=refusal.reason)
+                # No path of the coordinator's reaches the owner (whatever a check named).
+                reason = refusal.reason.replace(str(self.coordinator.config.root), "<coordinator>")
+                return Submission(False, reason_code=refusal.code, reason=reason)
 
     def _submit(self, digest: str, caller_org: str | None) -> Submission:
         c = self.coordinator
@@ -218,7 +220,9 @@ class SubmissionPipeline:
             )
             verified = verifier.verify(bundle)
         except (InvalidInputError, VerificationError) as err:
-            raise Refusal(reason_code(err), str(err)) from err
+            # FIX (issue 12): the reason named the bundle's staging directory on the server.
+            reason = str(err).replace(str(work / "bundle"), "the bundle")
+            raise Refusal(reason_code(err), reason) from err
         if validated.weights_sha256 != verified.weights_sha256:  # pragma: no cover - same file
             raise Refusal("bundle-invalid", "the bundle changed while it was checked")
         if caller_org is not None and verified.org != caller_org:

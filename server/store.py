@@ -280,8 +280,15 @@ class ArtifactStore:
                     )
                 view = memoryview(data)
                 written = 0
-                while written < len(view):
-                    written += os.pwrite(fd, view[written:], offset + written)
+                try:
+                    failpoint("upload-write")  # fault tests: the disk is full
+                    while written < len(view):
+                        written += os.pwrite(fd, view[written:], offset + written)
+                except OSError:
+                    # NOTE: a chunk counts whole or not at all: cut what part of it got
+                    # written (e.g. on a full disk), so the durable offset stays a chunk end.
+                    os.ftruncate(fd, offset)
+                    raise
                 # NOTE: fdatasync persists the data and the file length (what the offset is
                 # read from), without the mtime flush of fsync; per chunk it is the cost of
                 # "counted means durable" (about 4 ms per MiB on the benchmark's disk).

@@ -121,11 +121,13 @@ def served_coordinator(
     anchor: Path,
     work: Path,
     origin: str,
-    limits: Mapping[str, float | int] = {},
+    limits: Mapping[str, float | int] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[tuple[Path, str]]:
     """``flexfed coordinator init`` then ``serve`` as a real subprocess; yields the coordinator
     directory and the address it serves on. ``limits`` overrides keys of ``[limits]`` in the
-    generated coordinator.toml (each must be there already). Stops it with SIGTERM and checks
+    generated coordinator.toml (each must be there already); ``env`` adds to the server's
+    environment (e.g. failpoints). Stops it with SIGTERM and checks
     it exits 0; its stderr is ``work/serve.log``."""
     from click.testing import CliRunner
 
@@ -136,7 +138,7 @@ def served_coordinator(
     assert result.exit_code == 0, result.output
     toml = root / "coordinator.toml"
     text = toml.read_text()
-    for key, value in limits.items():
+    for key, value in (limits or {}).items():
         text, n = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
         assert n == 1, f"{key} is not in coordinator.toml"
     toml.write_text(text)
@@ -147,7 +149,7 @@ def served_coordinator(
         stdout=subprocess.PIPE,
         stderr=stderr,
         text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
     )
     try:
         assert process.stdout is not None

@@ -218,12 +218,27 @@ def pack_directory(src: Path, dst: Path) -> PackedArchive:
 # --- extraction ----------------------------------------------------------------------------
 
 
+_MAX_PART_BYTES = 255  # NAME_MAX of common filesystems
+_MAX_NAME_BYTES = 1024  # far above any artifact's own names, below PATH_MAX with any root
+
+
 def _safe_parts(name: str) -> tuple[str, ...]:
     """The path components of a member name, or raise if it could escape or is odd."""
     if name.startswith("/"):
         raise UnsafeArchiveError(f"archive member {name!r} has an absolute path")
+    if len(name.encode("utf-8", "surrogateescape")) > _MAX_NAME_BYTES:
+        # FIX (issue 12): a 300-character name failed the extraction with the OS's "File name
+        # too long" and the extraction directory's path, as an internal error.
+        raise UnsafeArchiveError(
+            f"archive member {name[:40]!r}... has a name of more than {_MAX_NAME_BYTES} bytes"
+        )
     parts = tuple(name.rstrip("/").split("/"))
     for part in parts:
+        if len(part.encode("utf-8", "surrogateescape")) > _MAX_PART_BYTES:
+            raise UnsafeArchiveError(
+                f"archive member {name[:40]!r}... has a path component of more than "
+                f"{_MAX_PART_BYTES} bytes"
+            )
         if part in ("", ".", ".."):
             raise UnsafeArchiveError(
                 f"archive member {name!r} has an empty, '.' or '..' path component"
