@@ -49,7 +49,7 @@ from flexfed.common.data.packing import PackedData, pack_documents
 from flexfed.common.errors import ConfigError, OutputExistsError
 from flexfed.common.formats.anchor import Anchor, open_anchor
 from flexfed.common.formats.bundle import ExpertMeta, write_bundle
-from flexfed.common.formats.names import ORG_PATTERN
+from flexfed.common.formats.names import NAME_RULE, ORG_PATTERN
 from flexfed.common.moe.config import TrainConfig
 from flexfed.common.moe.evaluation import load_tokenizer as load_model_tokenizer
 from flexfed.common.moe.privacy import DPPlan, plan_dp, poisson_sample, private_gradients
@@ -146,9 +146,9 @@ def train_expert(
     out = Path(out)
     cfg = cfg if cfg is not None else TrainConfig()
     if not ORG_PATTERN.fullmatch(org):
-        raise ConfigError(f"--org {org!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        raise ConfigError(f"--org {org!r} must be {NAME_RULE}")
     if not ORG_PATTERN.fullmatch(name):
-        raise ConfigError(f"--name {name!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        raise ConfigError(f"--name {name!r} must be {NAME_RULE}")
     with data_parallel(cfg.device) as par:
         run = _prepare(public, data, org, out, cfg, name, license, progress and par.is_main, par)
         _resume(run)

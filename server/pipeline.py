@@ -82,6 +82,7 @@ REASON_CODES: Final = (
     "not-uploaded",
     "duplicate-name",
     "expert-revoked",
+    "weights-duplicate",
 )
 
 
@@ -246,7 +247,31 @@ class SubmissionPipeline:
                 f"{verified.org} already has an expert named {verified.expert_name!r} "
                 f"({e.expert_id}, {e.state.value}); give the new one another name",
             )
+        self._check_weights_unique(verified)
         return verified
+
+    def _check_weights_unique(self, verified: VerifiedBundle) -> None:
+        """One set of weights, one expert: FIX (issue 12) for a member that re-signed another
+        member's expert under its own name (accepted; after the real owner opted out, the
+        copy kept its weights in every release, and while both were accepted, releases
+        failed with "given twice")."""
+        for e in self.coordinator.registry.with_weights(verified.weights_sha256):
+            if e.org != verified.org:
+                raise Refusal(
+                    "weights-duplicate",
+                    "these weights were already submitted by another organisation; an "
+                    "expert's weights are accepted once, from one organisation",
+                )
+            if e.state is ExpertState.REVOKED:
+                raise Refusal(
+                    "expert-revoked", f"these weights were revoked as expert {e.expert_id}"
+                )
+            if e.state is ExpertState.ACCEPTED:
+                raise Refusal(
+                    "weights-duplicate",
+                    f"these weights are already accepted as {e.org}/{e.name} ({e.expert_id}); "
+                    "opt that one out first to replace it",
+                )
 
     def _accept(self, verified: VerifiedBundle, digest: str) -> Submission:
         c = self.coordinator

@@ -264,6 +264,12 @@ class Registry:
         with self._tx() as s:
             return [_expert(r) for r in s.scalars(query)]
 
+    def with_weights(self, expert_sha256: str) -> list[ExpertRecord]:
+        """Every expert, of any org and state, whose weights file has this SHA-256."""
+        query = select(_Expert).where(_Expert.expert_sha256 == expert_sha256)
+        with self._tx() as s:
+            return [_expert(r) for r in s.scalars(query.order_by(_Expert.log_index))]
+
     def set_state(
         self, expert_id: str, state: ExpertState, log_index: int, time: str
     ) -> ExpertRecord:

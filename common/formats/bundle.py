@@ -46,7 +46,7 @@ from flexfed.common.errors import (
 )
 from flexfed.common.formats.anchor import Anchor, ExpertShapes
 from flexfed.common.formats.families import PROJECTIONS
-from flexfed.common.formats.names import ORG_PATTERN
+from flexfed.common.formats.names import NAME_RULE, ORG_PATTERN
 from flexfed.common.formats.safetensors_io import (
     DTYPE_SIZES,
     TORCH_DTYPES,
@@ -148,8 +148,7 @@ class ExpertMeta:
         for key in ("org", "name"):
             if not ORG_PATTERN.fullmatch(doc[key]):
                 raise MetadataError(
-                    f"expert.json {key} {doc[key]!r} must be 1-64 letters, digits, '.', '_' "
-                    "or '-', starting with a letter or digit"
+                    f"expert.json {key} {doc[key]!r} must be {NAME_RULE}"
                 )
         for key in ("anchor_digest", "data_commitment"):
             if not _HEX64.fullmatch(doc[key]):

@@ -9,4 +9,9 @@ from __future__ import annotations
 
 import re
 
-ORG_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# FIX (issue 12): a released model keeps each slot's files under "<org>--<name>", and orgs
+# and names could hold "--": acme + labs--x and acme--labs + x named the same folder, and one
+# member could block every release. Without "--" inside either part the folder names one
+# slot (a name starts with a letter or digit, so the separator is the last "--").
+ORG_PATTERN = re.compile(r"(?!.*--)[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+NAME_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit, no '--'"

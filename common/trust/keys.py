@@ -21,7 +21,7 @@ from flexfed.common.errors import (
     ConfigError,
     InvalidInputError,
 )
-from flexfed.common.formats.names import ORG_PATTERN
+from flexfed.common.formats.names import NAME_RULE, ORG_PATTERN
 
 # NOTE: the private helpers are pki's own reading of a certificate (its attributes, key
 # identifier, the CA's signature on it), shared so that the CA and the verifier agree.
@@ -74,8 +74,7 @@ def private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 def check_org(org: str) -> str:
     if not ORG_PATTERN.fullmatch(org):
         raise CertificateRequestError(
-            f"organisation name {org!r} is not allowed: use 1-64 letters, digits, '.', '_' or "
-            "'-', starting with a letter or digit"
+            f"organisation name {org!r} is not allowed: use {NAME_RULE}"
         )
     return org
 

@@ -11,6 +11,7 @@ the log at startup, and ``check`` reports exactly such disagreements.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 from collections.abc import Iterator
@@ -29,12 +30,13 @@ from flexfed.common.formats.safetensors_io import load_tensors, save_tensors
 from flexfed.common.trust.ca import issue_certificate
 from flexfed.common.trust.keys import generate_key_and_csr
 from flexfed.common.trust.log_events import parse_entry
+from flexfed.common.trust.owner_request import sign_owner_request
 from flexfed.common.trust.signing import BundleVerifier
 from flexfed.server import lifecycle
 from flexfed.server.config import load_config
 from flexfed.server.consistency import check, recover
 from flexfed.server.coordinator import Coordinator, CoordinatorExistsError, init_coordinator
-from flexfed.server.lifecycle import _event, release, revoke
+from flexfed.server.lifecycle import _event, owner_request, release, revoke
 from flexfed.server.pipeline import (
     REASON_CODES,
     CallerOrgError,
@@ -277,6 +279,42 @@ def test_a_second_expert_with_the_same_name_is_refused(
     assert check(coordinator) == []
 
 
+def test_one_set_of_weights_is_one_expert_from_one_org(
+    coordinator: Coordinator, small_anchor: Anchor, acme: Member, pki: Pki, tmp_path: Path
+) -> None:
+    """Issue 12: a member re-signed another's expert (the same expert.safetensors) under its
+    own name and was accepted; after the real owner opted out, its weights lived on in the
+    copier's slot. Also: the same weights twice made every release fail ("given twice")."""
+    globex = pki.member("globex")
+    pipeline = SubmissionPipeline(coordinator)
+    original = signed_bundle(small_anchor, tmp_path, acme, pki, seed=8)
+    copy = signed_bundle(small_anchor, tmp_path, globex, pki, seed=8)  # acme's weights
+    weights = EXPERT_WEIGHTS
+    assert (original / weights).read_bytes() == (copy / weights).read_bytes()
+    first = upload(coordinator, original)
+    assert pipeline.submit(first, "acme").accepted
+    copied = upload(coordinator, copy)
+    before = state_of(coordinator)
+    refused = pipeline.submit(copied, "globex")
+    assert (refused.accepted, refused.reason_code, refused.reason) == (
+        False,
+        "weights-duplicate",
+        "these weights were already submitted by another organisation; an expert's weights "
+        "are accepted once, from one organisation",
+    )
+    again = upload(coordinator, signed_bundle(small_anchor, tmp_path, acme, pki, 8, name="b"))
+    twice = pipeline.submit(again, "acme")  # the owner itself, under a second name
+    assert twice.reason_code == "weights-duplicate"
+    assert twice.reason.startswith("these weights are already accepted as acme/expert (sha256:")
+    assert state_of(coordinator)[:2] == before[:2]
+
+    request = sign_owner_request("opt-out", first, "acme", acme.key, acme.cert)
+    owner_request(coordinator, "opt-out", request, "acme")
+    assert pipeline.submit(copied, "globex").reason_code == "weights-duplicate"  # still
+    assert pipeline.submit(again, "acme").accepted  # the owner may replace its opted-out one
+    assert check(coordinator) == []
+
+
 # --- crash recovery ------------------------------------------------------------------------
 
 
@@ -364,3 +402,11 @@ def test_release_stores_a_signed_model_and_recovery_finishes_an_interrupted_one(
     assert check(coordinator) == []
     assert release(coordinator).version == 4
     assert check(coordinator) == []
+
+
+def test_the_operator_guide_lists_every_reason_code_and_no_other() -> None:
+    guide = (Path(__file__).resolve().parents[3] / "docs" / "operator-guide.md").read_text()
+    table = guide.split("### Submission reason codes")[1].split("\n### ")[0]
+    documented = re.findall(r"^\| `([a-z-]+)` \|", table, re.M)
+    assert sorted(documented) == sorted(REASON_CODES)
+    assert "weights-duplicate" in documented  # the table is the one this test means

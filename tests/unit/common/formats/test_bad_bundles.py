@@ -379,6 +379,19 @@ CASES = [
         MetadataError,
         r"org '\.\./evil' must be 1-64 letters",
     ),
+    Case(  # issue 12: "acme" + "labs--x" and "acme--labs" + "x" shared a slot folder
+        "expert-json-org-with-separator",
+        edit_meta(lambda d, a: d.update(org="acme--labs")),
+        MetadataError,
+        r"org 'acme--labs' must be 1-64 letters, digits, '\.', '_' or '-', starting with a "
+        r"letter or digit, no '--'",
+    ),
+    Case(
+        "expert-json-name-with-separator",
+        edit_meta(lambda d, a: d.update(name="labs--x")),
+        MetadataError,
+        r"name 'labs--x' must be 1-64 letters",
+    ),
     Case(
         "expert-json-bad-format",
         edit_meta(lambda d, a: d.update(format="flexfed.expert/v0")),

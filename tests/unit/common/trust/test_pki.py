@@ -194,6 +194,9 @@ def test_refuses_to_overwrite_a_ca_or_a_key(ca: Path, tmp_path: Path) -> None:
 def test_requests_are_checked_before_anything_is_issued(ca: Path, tmp_path: Path) -> None:
     with pytest.raises(CertificateRequestError, match="not allowed"):
         generate_key_and_csr("Acme Hospital/x", tmp_path / "bad")
+    with pytest.raises(CertificateRequestError, match="no '--'"):  # the slot separator
+        generate_key_and_csr("acme--labs", tmp_path / "bad")
+    generate_key_and_csr("acme-labs", tmp_path / "fine")
     req = generate_key_and_csr("acme", tmp_path / "acme", role_hint="owner")
     with pytest.raises(CertificateRequestError, match="asks for role 'owner'"):
         issue_certificate(ca, req.csr, "operator")
