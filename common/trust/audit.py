@@ -246,6 +246,13 @@ def audit_model(
     else:
         report.not_checked.append("shared tensors and slot 0 against the anchor (no anchor)")
 
+    # FIX (issue 12; docs/pki.md): each expert's certificate is judged at the time its
+    # acceptance was logged, not at the audit's time: after a routine key rotation (revoked
+    # as superseded) or a certificate's expiry, what was signed and accepted before still
+    # verifies; a key-compromise revocation voids it for every time (verify_chain).
+    accepted_at = _acceptance_times(model, log) if log is not None else {}
+    if accepted_at:
+        report.checked.append("each expert's certificate at its acceptance time in the log")
     seen: dict[str, int] = {}
     for result in report.slots[1:]:
         key = f"{result.org}--{result.name}"
@@ -261,7 +268,11 @@ def audit_model(
         # time to each leaf's notBefore, but OpenSSL keeps the first time ever set on a store,
         # so a reused verifier rejects owner certificates issued later than the first one.
         verifier = BundleVerifier(
-            ca, revocations, expected_anchor_digest=report.anchor_digest, at=when
+            ca,
+            revocations,
+            expected_anchor_digest=report.anchor_digest,
+            at=accepted_at.get(result.slot, when),
+            crl_fresh_at=when,
         )
         _check_expert_slot(result, model, verifier, workdir)
 
@@ -271,6 +282,34 @@ def audit_model(
         assert public_log_key is not None
         _check_log(report, model, log, public_log_key, log_origin)
     return report
+
+
+def _acceptance_times(
+    model: AssembledModel, log: LogReader | PathLike
+) -> dict[int, dt.datetime]:
+    """slot -> the time of its expert's acceptance entry, for the slots whose entry is one.
+
+    The entries' inclusion in the release's checkpoint is proven by _check_log, which fails
+    any slot whose entry is not its acceptance; a time read here is used only for such a slot.
+    """
+    times: dict[int, dt.datetime] = {}
+    try:
+        with _opened_log(log) as reader:
+            events = _read_events(reader)
+    except FlexfedError:
+        return times  # an unreadable log is _check_log's finding
+    for slot, record in enumerate(model.slots):
+        index = record.get("log_index") if slot > 0 else None
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(events):
+            continue
+        event = events[index]
+        if not _is_acceptance(event, record):
+            continue
+        try:
+            times[slot] = as_utc(dt.datetime.fromisoformat(str(event.get("time"))))
+        except ValueError:
+            continue
+    return times
 
 
 def _check_slots_shape(model: AssembledModel) -> None:

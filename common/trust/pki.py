@@ -386,6 +386,7 @@ def _check_revocation(
     ca_cert: x509.Certificate,
     crl: x509.CertificateRevocationList,
     at: dt.datetime,
+    fresh_at: dt.datetime,
 ) -> None:
     ca_name = ca_cert.subject.rfc4514_string()
     if crl.issuer != ca_cert.subject:
@@ -403,7 +404,7 @@ def _check_revocation(
         raise CrlSignatureError(
             f"the CRL's signature does not verify against the consortium CA {ca_name!r}"
         )
-    if crl.next_update_utc is not None and at > crl.next_update_utc:
+    if crl.next_update_utc is not None and fresh_at > crl.next_update_utc:
         raise CrlStaleError(
             f"the CRL expired on {crl.next_update_utc:%Y-%m-%d %H:%M} UTC; fetch a fresh one "
             "(the operator makes it with `flexfed ca crl`)"
@@ -431,6 +432,7 @@ def verify_chain(
     crl: x509.CertificateRevocationList | None = None,
     *,
     roles: Iterable[str] | None = None,
+    crl_fresh_at: dt.datetime | None = None,
 ) -> Identity:
     """Verify that the consortium CA certified ``cert`` and it was usable at time ``at``.
 
@@ -442,6 +444,9 @@ def verify_chain(
 
     A certificate revoked as superseded, ceased or affiliation-changed was still good before
     its revocation date; any other revocation voids it for every ``at``. A naive ``at`` is UTC.
+    ``crl_fresh_at`` (default ``at``) is when the CRL must be current: judging a past
+    signature (``at`` in the past) still needs a CRL fresh now, or a later key compromise
+    would go unseen.
     """
     at = as_utc(at)
     _check_trust_anchor(ca_cert, at)
@@ -467,5 +472,6 @@ def verify_chain(
                 f"{' or '.join(sorted(allowed))}"
             )
     if crl is not None:
-        _check_revocation(cert, ca_cert, crl, at)
+        fresh_at = as_utc(crl_fresh_at) if crl_fresh_at is not None else at
+        _check_revocation(cert, ca_cert, crl, at, fresh_at)
     return identity

@@ -459,6 +459,7 @@ class BundleVerifier:
         at: dt.datetime | None = None,
         *,
         anchor: Anchor | None = None,
+        crl_fresh_at: dt.datetime | None = None,
     ) -> None:
         self.ca_cert = (
             ca_cert if isinstance(ca_cert, x509.Certificate) else load_certificate(ca_cert)
@@ -476,6 +477,8 @@ class BundleVerifier:
             expected_anchor_digest = digest
         self.expected_anchor_digest = expected_anchor_digest
         self.at = as_utc(at) if at is not None else None
+        # when the CRL must be current (default: ``at``); see pki.verify_chain
+        self.crl_fresh_at = as_utc(crl_fresh_at) if crl_fresh_at is not None else None
         self._ca_pem = self.ca_cert.public_bytes(serialization.Encoding.PEM)
         # NOTE: model-signing's verifier sets its OpenSSL store's time from the first leaf it
         # checks and keeps it, so a reused verifier rejects later-issued certificates as "not
@@ -500,7 +503,9 @@ class BundleVerifier:
                 f"{bundle} has no {SIGNATURE}: sign it with `flexfed client sign`"
             )
         signature, leaf = self._read_signature(bundle / SIGNATURE, sizes[SIGNATURE])
-        identity = verify_chain(leaf, self.ca_cert, at, self.crl, roles=("owner",))
+        identity = verify_chain(
+            leaf, self.ca_cert, at, self.crl, roles=("owner",), crl_fresh_at=self.crl_fresh_at
+        )
         manifest = self._verify_oms(signature)
         signed = self._signed_digests(manifest)
         actual = self._check_files(bundle, signed, sizes)

@@ -363,7 +363,13 @@ def test_released_model_passes_the_audit(release: Release, world: World) -> None
         None,
         None,
     ]  # fmt: skip
-    assert report.checked == ["release signature", "anchor", "log checkpoint", "log"]
+    assert report.checked == [
+        "release signature",
+        "anchor",
+        "each expert's certificate at its acceptance time in the log",
+        "log checkpoint",
+        "log",
+    ]
     assert report.not_checked == []
     assert "passed" in report.summary()
 
@@ -413,6 +419,38 @@ def test_opt_out_then_record_and_sign_passes_and_the_old_release_fails(
     old = release.audit()
     assert old.reasons == ["opted-out"]
     assert [f.slot for f in old.all_findings] == [2]
+
+
+def test_each_owner_certificate_is_judged_when_its_expert_was_accepted(
+    release: Release,
+) -> None:
+    """Issue 12 (and docs/pki.md's promise): after a routine key rotation (globex's key revoked
+    as superseded, an hour after its expert's acceptance), every later audit of the release
+    failed, judged at the audit's time. Judged at the acceptance time in the log, it passes;
+    without the log there is no acceptance time and the audit's time decides; a key
+    compromise voids the signature whenever the audit runs."""
+    with FileLog(release.log) as log:
+        accepted = dt.datetime.fromisoformat(parse_entry(log.entry(1))["time"])
+    tomorrow = accepted + dt.timedelta(days=1)
+    revoke(release.ca_dir, release.world.members["globex"].cert, "superseded",
+           at=accepted + dt.timedelta(hours=1))  # fmt: skip
+    report = release.audit(at=tomorrow)
+    assert report.ok, report.summary()
+    assert "each expert's certificate at its acceptance time in the log" in report.checked
+
+    without_log = release.audit(at=tomorrow, log=None, log_key=None)
+    assert without_log.reasons == ["owner-revoked"]
+    assert [f.slot for f in without_log.all_findings] == [2]
+
+
+def test_a_key_compromise_fails_the_audit_whenever_it_runs(release: Release) -> None:
+    with FileLog(release.log) as log:
+        accepted = dt.datetime.fromisoformat(parse_entry(log.entry(1))["time"])
+    revoke(release.ca_dir, release.world.members["globex"].cert, "key-compromise",
+           at=accepted + dt.timedelta(hours=1))  # fmt: skip
+    report = release.audit(at=accepted + dt.timedelta(days=1))
+    assert report.reasons == ["owner-revoked"]
+    assert [f.slot for f in report.all_findings] == [2]
 
 
 def test_record_release_refuses_a_signed_or_recorded_model(release: Release) -> None:
