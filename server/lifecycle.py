@@ -28,13 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flexfed.common.errors import AssemblyError, InvalidInputError
+from flexfed.common.errors import AssemblyError, InvalidInputError, VerificationError
 from flexfed.common.formats.archive import ArtifactKind, extract_archive
+from flexfed.common.formats.bundle import SIGNATURE
 from flexfed.common.formats.checkpoint import read_json
 from flexfed.common.moe.assembly import ASSEMBLY_FILE, DEFAULT_TOP_K, assemble
 from flexfed.common.trust.log_events import opt_out_event, parse_entry
 from flexfed.common.trust.owner_request import SignedOwnerRequest, verify_owner_request
+from flexfed.common.trust.pki import CertificateRevokedError, verify_chain
 from flexfed.common.trust.release import RELEASE_SIGNATURE, record_release, sign_release
+from flexfed.common.trust.signing import BundleVerifier
 from flexfed.common.util.clock import utc_now_iso
 from flexfed.server.coordinator import Coordinator
 from flexfed.server.failpoints import failpoint
@@ -137,6 +140,24 @@ def revoke(coordinator: Coordinator, expert_id: str, reason: str, operator: str)
     return Change(updated, index, logged=True)
 
 
+def _revoked_signer(c: Coordinator, expert: ExpertRecord, bundle: Path) -> str | None:
+    """Why the current CRL voids the certificate that signed ``bundle``, judged at the
+    expert's acceptance time as the audit judges it (a superseded key that signed before its
+    revocation stays good), or None."""
+    crl = c.current_crl()
+    if crl is None:
+        return None
+    signature = bundle / SIGNATURE
+    try:
+        _, leaf = BundleVerifier(c.ca_cert)._read_signature(signature, signature.stat().st_size)
+        verify_chain(leaf, c.ca_cert, _parse_time(expert.submitted_at), crl, roles=("owner",))
+    except CertificateRevokedError as err:
+        return str(err)
+    except (OSError, VerificationError) as err:  # accepted once, so this is not expected
+        logger.warning("cannot re-check the signer of %s: %s", expert.expert_id, err)
+    return None
+
+
 def release_dir(coordinator: Coordinator, version: int) -> Path:
     """Where release ``version`` is finished (recovery looks here after a crash)."""
     return coordinator.config.staging_dir / f"release-v{version}"
@@ -162,8 +183,25 @@ def release(
     work = c.staging("assemble")
     try:
         bundles = []
+        kept = []
         for i, expert in enumerate(chosen):
-            bundles.append(extract_archive(c.store.path(expert.expert_id), work / f"expert-{i}"))
+            bundle = extract_archive(c.store.path(expert.expert_id), work / f"expert-{i}")
+            revoked = _revoked_signer(c, expert, bundle)
+            if revoked is not None:
+                # FIX (issue 12): an expert whose signer's key was revoked for compromise was
+                # still released (the release then failed its own audit). The current CRL
+                # decides: the expert is revoked, with a log entry, and left out.
+                revoke(c, expert.expert_id, f"signer certificate revoked: {revoked}", "crl")
+                if expert_ids:
+                    raise StateError(
+                        f"expert {expert.expert_id} was revoked: its signer's certificate is "
+                        f"revoked ({revoked}); release without it"
+                    )
+                logger.warning("left %s out of the release: %s", expert.expert_id, revoked)
+                continue
+            bundles.append(bundle)
+            kept.append(expert)
+        chosen = kept
         assemble(c.anchor, bundles, work / "model", top_k=requested)
         # NOTE: assembly (the slow part) ran without the lock; an opt-out or revocation that
         # landed meanwhile makes record_release refuse, since it reads the log itself.

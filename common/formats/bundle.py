@@ -147,9 +147,7 @@ class ExpertMeta:
                 raise MetadataError(f"expert.json field {key!r} must be a string")
         for key in ("org", "name"):
             if not ORG_PATTERN.fullmatch(doc[key]):
-                raise MetadataError(
-                    f"expert.json {key} {doc[key]!r} must be {NAME_RULE}"
-                )
+                raise MetadataError(f"expert.json {key} {doc[key]!r} must be {NAME_RULE}")
         for key in ("anchor_digest", "data_commitment"):
             if not _HEX64.fullmatch(doc[key]):
                 raise MetadataError(f"expert.json {key} must be 64 lowercase hex digits")

@@ -284,9 +284,7 @@ def audit_model(
     return report
 
 
-def _acceptance_times(
-    model: AssembledModel, log: LogReader | PathLike
-) -> dict[int, dt.datetime]:
+def _acceptance_times(model: AssembledModel, log: LogReader | PathLike) -> dict[int, dt.datetime]:
     """slot -> the time of its expert's acceptance entry, for the slots whose entry is one.
 
     The entries' inclusion in the release's checkpoint is proven by _check_log, which fails

@@ -73,9 +73,7 @@ def private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def check_org(org: str) -> str:
     if not ORG_PATTERN.fullmatch(org):
-        raise CertificateRequestError(
-            f"organisation name {org!r} is not allowed: use {NAME_RULE}"
-        )
+        raise CertificateRequestError(f"organisation name {org!r} is not allowed: use {NAME_RULE}")
     return org
 
 

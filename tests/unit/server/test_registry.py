@@ -10,6 +10,7 @@ the log at startup, and ``check`` reports exactly such disagreements.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 import shutil
@@ -28,6 +29,7 @@ from flexfed.common.formats.archive import ArtifactKind, extract_archive
 from flexfed.common.formats.bundle import EXPERT_WEIGHTS
 from flexfed.common.formats.safetensors_io import load_tensors, save_tensors
 from flexfed.common.trust.ca import issue_certificate
+from flexfed.common.trust.ca import revoke as ca_revoke
 from flexfed.common.trust.keys import generate_key_and_csr
 from flexfed.common.trust.log_events import parse_entry
 from flexfed.common.trust.owner_request import sign_owner_request
@@ -36,7 +38,7 @@ from flexfed.server import lifecycle
 from flexfed.server.config import load_config
 from flexfed.server.consistency import check, recover
 from flexfed.server.coordinator import Coordinator, CoordinatorExistsError, init_coordinator
-from flexfed.server.lifecycle import _event, owner_request, release, revoke
+from flexfed.server.lifecycle import StateError, _event, owner_request, release, revoke
 from flexfed.server.pipeline import (
     REASON_CODES,
     CallerOrgError,
@@ -344,6 +346,40 @@ def test_recovery_restores_what_the_log_holds(
     assert coordinator.registry.require_expert(kept).state_log_index == opt_out
     assert check(coordinator) == []
     assert recover(coordinator) == []
+
+
+def test_releases_follow_the_current_crl(
+    coordinator: Coordinator, small_anchor: Anchor, acme: Member, pki: Pki, tmp_path: Path
+) -> None:
+    """Issue 12: an expert whose signer's key was revoked for compromise was still released,
+    and the release failed its own audit. A key compromise now revokes the expert (logged)
+    and leaves it out; a routine rotation after the acceptance (superseded) does not."""
+    compromised, rotated = pki.member("initech"), pki.member("umbrella")
+    pipeline = SubmissionPipeline(coordinator)
+    ids = {
+        m.org: upload(coordinator, signed_bundle(small_anchor, tmp_path, m, pki, seed=s))
+        for m, s in ((acme, 11), (compromised, 12), (rotated, 13))
+    }
+    for org, digest in ids.items():
+        assert pipeline.submit(digest, org).accepted
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)  # after every acceptance
+    ca_revoke(pki.ca_dir, compromised.cert, "key-compromise", at=later)
+    ca_revoke(pki.ca_dir, rotated.cert, "superseded", at=later)
+
+    with pytest.raises(
+        StateError, match=r"its signer's certificate is revoked \(.*keyCompromise\)\)"
+    ):
+        release(coordinator, [ids["initech"]])
+    expert = coordinator.registry.require_expert(ids["initech"])
+    assert expert.state is ExpertState.REVOKED
+    event = parse_entry(coordinator.log.entry(expert.state_log_index))
+    assert (event["type"], event["signer"]) == ("revocation", "crl")
+    assert event["reason"].startswith("signer certificate revoked: ")
+    assert event["reason"].endswith("(reason: keyCompromise)")
+
+    record = release(coordinator)
+    assert list(record.expert_ids) == [ids["acme"], ids["umbrella"]]
+    assert check(coordinator) == []
 
 
 def test_release_stores_a_signed_model_and_recovery_finishes_an_interrupted_one(
