@@ -42,6 +42,12 @@ from flexfed.common.errors import (
 )
 from flexfed.common.formats.archive import ArtifactKind, extract_archive, parse_digest
 from flexfed.common.formats.bundle import max_bundle_bytes, validate_bundle
+from flexfed.common.moe.plausibility import (
+    ImplausibleActivationsError,
+    ImplausibleExpertError,
+    ImplausibleRouterError,
+    check_plausible,
+)
 from flexfed.common.trust.log_events import accepted_event
 from flexfed.common.trust.pki import CertificateError, CertificateRevokedError, CrlError
 from flexfed.common.trust.provenance import ProvenanceError
@@ -61,6 +67,9 @@ logger = logging.getLogger(__name__)
 
 # Most specific first: the first class an error is an instance of gives its code.
 _CODES: Final[tuple[tuple[type[Exception], str], ...]] = (
+    (ImplausibleActivationsError, ImplausibleActivationsError.code),
+    (ImplausibleRouterError, ImplausibleRouterError.code),
+    (ImplausibleExpertError, ImplausibleExpertError.code),
     (CertificateRevokedError, "certificate-revoked"),
     (CrlError, "crl-invalid"),
     (CertificateError, "certificate-untrusted"),
@@ -214,6 +223,7 @@ class SubmissionPipeline:
                 c.store.path(digest), work / "bundle", max_bytes=self.max_bundle_bytes
             )
             validated = validate_bundle(bundle, c.anchor)
+            check_plausible(validated, c.anchor)  # values training from the anchor can give
             # NOTE: a fresh verifier per bundle (model-signing's OpenSSL store keeps the first
             # time it is given), the CRL as it is at this moment.
             verifier = BundleVerifier(

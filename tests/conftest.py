@@ -53,7 +53,9 @@ def make_expert_bundle(
 ) -> Path:
     """An expert bundle. seed=None: the identity expert (public FFN, r_i = r_pub).
 
-    Otherwise the trainable tensors are perturbed with seeded noise, standing in for training.
+    Otherwise the trainable tensors are perturbed with seeded noise (std 0.01, about half the
+    anchor weights' std: what training moves them by, within the plausibility gates),
+    standing in for training.
     """
     model = build_training_model(anchor)
     if seed is not None:
@@ -61,7 +63,7 @@ def make_expert_bundle(
         with torch.no_grad():
             for p in model.parameters():
                 if p.requires_grad:
-                    p.add_(torch.randn(p.shape, generator=g) * 0.05)
+                    p.add_(torch.randn(p.shape, generator=g) * 0.01)
     return write_bundle(out, extract_expert(model), make_meta(anchor, org, name), anchor)
 
 

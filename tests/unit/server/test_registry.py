@@ -15,10 +15,11 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import make_expert_bundle
 from consortium import Member, Pki
 
@@ -224,13 +225,44 @@ def _flip_last_byte(bundle: Path) -> None:
     (bundle / EXPERT_WEIGHTS).write_bytes(bytes(data))
 
 
+def _edit(bundle: Path, change: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    tensors = load_tensors(bundle / EXPERT_WEIGHTS)
+    change(tensors)
+    save_tensors(bundle / EXPERT_WEIGHTS, tensors, {"format": "pt"})
+
+
+def _huge_down_proj(t: dict[str, torch.Tensor]) -> None:  # issue 12: constant logits
+    t["layers.1.down_proj.weight"].fill_(3e38)
+
+
+def _loud_router(t: dict[str, torch.Tensor]) -> None:  # issue 12: took 100 % of the routing
+    t["layers.0.router.weight"].mul_(1000 / t["layers.0.router.weight"].norm())
+
+
+def _positive_bias(t: dict[str, torch.Tensor]) -> None:
+    t["layers.1.router.bias"].fill_(5.0)
+
+
+def _each_matrix_within_but_loud_together(t: dict[str, torch.Tensor]) -> None:
+    for proj in ("gate_proj", "up_proj", "down_proj"):  # RMS 3.5x each (under 4x) ...
+        t[f"layers.0.{proj}.weight"].mul_(3.5)  # ... output about 40x
+
+
 @pytest.mark.parametrize(
-    ("case", "code"),
-    [("nan signed", "not-finite"), ("weights changed after signing", "signature-invalid")],
+    ("case", "code", "reason"),
+    [
+        ("nan signed", "not-finite", None),
+        ("weights changed after signing", "signature-invalid", None),
+        (_huge_down_proj, "weights-implausible", "layer 1 down_proj: RMS "),
+        (_loud_router, "router-implausible", "layer 0 router: row norm "),
+        (_positive_bias, "router-implausible", "layer 1 router: row norm "),
+        (_each_matrix_within_but_loud_together, "activations-implausible", "layer 0: on the "),
+    ],
 )
 def test_a_refusal_changes_nothing(
-    case: str,
+    case: str | Callable[[dict[str, torch.Tensor]], None],
     code: str,
+    reason: str | None,
     coordinator: Coordinator,
     small_anchor: Anchor,
     acme: Member,
@@ -241,14 +273,19 @@ def test_a_refusal_changes_nothing(
     if case == "nan signed":
         _nan(bundle)
         sign_bundle(bundle, acme.key, acme.cert, [pki.ca_pem])
-    else:
+    elif case == "weights changed after signing":
         sign_bundle(bundle, acme.key, acme.cert, [pki.ca_pem])
         _flip_last_byte(bundle)
+    else:
+        assert callable(case)
+        _edit(bundle, case)  # finite, validly shaped, signed: only the gates can tell
+        sign_bundle(bundle, acme.key, acme.cert, [pki.ca_pem])
     digest = upload(coordinator, bundle)
     before = state_of(coordinator)
     result = SubmissionPipeline(coordinator).submit(digest, "acme")
     assert not result.accepted and result.reason_code == code and code in REASON_CODES
     assert result.reason and "\n" not in result.reason
+    assert reason is None or result.reason.startswith(reason), result.reason
     assert state_of(coordinator) == before
 
 
