@@ -300,13 +300,18 @@ def test_a_database_password_never_appears_in_an_error() -> None:
 
 REUSED = [
     ("test_submission_is_accepted_once", {}),
-    ("test_a_refusal_changes_nothing", {"case": "nan signed", "code": "not-finite"}),
     (
         "test_a_refusal_changes_nothing",
-        {"case": "weights changed after signing", "code": "signature-invalid"},
+        {"case": "nan signed", "code": "not-finite", "reason": None},
+    ),
+    (
+        "test_a_refusal_changes_nothing",
+        {"case": "weights changed after signing", "code": "signature-invalid", "reason": None},
     ),
     ("test_not_uploaded_and_another_orgs_bundle_change_nothing", {}),
     ("test_a_second_expert_with_the_same_name_is_refused", {}),
+    ("test_one_set_of_weights_is_one_expert_from_one_org", {}),
+    ("test_releases_follow_the_current_crl", {}),
     ("test_recovery_restores_what_the_log_holds", {}),
     ("test_release_stores_a_signed_model_and_recovery_finishes_an_interrupted_one", {}),
 ]
@@ -316,7 +321,7 @@ REUSED = [
     ("name", "given"), REUSED, ids=[n.removeprefix("test_") + str(g) for n, g in REUSED]
 )
 def test_unit_registry_behaviour(
-    name: str, given: dict[str, str], request: pytest.FixtureRequest
+    name: str, given: dict[str, str | None], request: pytest.FixtureRequest
 ) -> None:
     """The unit test ``name`` itself, with this module's PostgreSQL ``coordinator``."""
     test = getattr(unit, name)
