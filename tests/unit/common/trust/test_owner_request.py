@@ -36,8 +36,10 @@ from flexfed.common.trust.pki import (
 )
 from flexfed.common.trust.signing import load_private_key
 
-# The CA and certificates are issued at the real time; requests are judged a little later.
-NOW = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(minutes=2)
+# The CA and certificates are issued at the real time (when the module's fixtures run, which
+# in a full run is minutes after this module is imported); requests are judged an hour after
+# import, so always after the certificates exist and well within their validity.
+NOW = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(hours=1)
 EXPERT = "sha256:" + "ab" * 32
 
 
