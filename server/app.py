@@ -25,6 +25,7 @@ from flexfed.common.api.tls import CHANNEL_OPTIONS, server_credentials
 from flexfed.common.errors import ConfigError
 from flexfed.common.formats.bundle import max_bundle_bytes
 from flexfed.proto.v1 import audit_pb2_grpc, registry_pb2_grpc
+from flexfed.server.access import ReadPolicy
 from flexfed.server.admission import StreamSlots
 from flexfed.server.audit_service import AuditServicer
 from flexfed.server.auth import Authorizer
@@ -82,6 +83,8 @@ def _add_artifacts(server: grpc.Server, coordinator: Coordinator, auth: Authoriz
             idle_seconds=limits.stream_idle_seconds,
             slots=StreamSlots(total=limits.transfer_streams, per_member=limits.streams_per_member),
             max_bundle_bytes=max_bundle_bytes(coordinator.anchor),
+            # FIX (issue 12): any member downloaded any bundle, also after its owner left.
+            may_read=ReadPolicy(coordinator).refusal,
         ),
         server,
     )

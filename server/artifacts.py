@@ -4,7 +4,9 @@ Who may call what (roles from the caller's mTLS certificate, :mod:`flexfed.serve
 
 - StartUpload, GetUpload, Upload, FinishUpload: owners and the operator. Owners upload only
   expert bundles and see only their organisation's uploads; the operator any kind, any upload.
-- GetArtifact, Download: every member (owners, auditors, the operator).
+- GetArtifact, Download: every member (owners, auditors, the operator), for the artifacts
+  the read policy gives it (:mod:`flexfed.server.access`: a bundle to its organisation, a
+  release to owners while its experts stay, ...); otherwise ``PERMISSION_DENIED``.
 
 Errors become statuses a client can act on: a malformed argument ``INVALID_ARGUMENT``, a size
 over the limit ``RESOURCE_EXHAUSTED``, a chunk for the wrong offset ``FAILED_PRECONDITION``
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from typing import NoReturn
 
@@ -131,6 +133,7 @@ class ArtifactServicer(artifact_pb2_grpc.ArtifactServiceServicer):  # type: igno
         idle_seconds: float = DEFAULT_STREAM_IDLE_SECONDS,
         slots: StreamSlots | None = None,
         max_bundle_bytes: int | None = None,
+        may_read: Callable[[Caller, ArtifactInfo], str | None] | None = None,
     ) -> None:
         self.store = store
         self.auth = authorizer
@@ -140,6 +143,9 @@ class ArtifactServicer(artifact_pb2_grpc.ArtifactServiceServicer):  # type: igno
         # The largest valid expert bundle for the anchor: an owner's upload above it can
         # only be refused at submission, so it is refused before a byte is stored.
         self.max_bundle_bytes = max_bundle_bytes
+        # Who may read which artifact (flexfed.server.access): why not, or None. Without one,
+        # every member reads everything (the data plane alone, as in its own tests).
+        self.may_read = may_read
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -244,11 +250,21 @@ class ArtifactServicer(artifact_pb2_grpc.ArtifactServiceServicer):  # type: igno
     def GetArtifact(
         self, request: artifact_pb2.GetArtifactRequest, context: grpc.ServicerContext
     ) -> artifact_pb2.ArtifactInfo:
-        self.auth.require(context, "owner", "auditor")
+        caller = self.auth.require(context, "owner", "auditor")
         try:
-            return info_to_proto(self.store.info(request.digest))
+            info = self.store.info(request.digest)
         except FlexfedError as err:
             self._fail(context, err)
+        self._check_read(context, caller, info)
+        return info_to_proto(info)
+
+    def _check_read(
+        self, context: grpc.ServicerContext, caller: Caller, info: ArtifactInfo
+    ) -> None:
+        refusal = self.may_read(caller, info) if self.may_read is not None else None
+        if refusal is not None:
+            log.info("read of %s by %s refused: %s", info.digest, caller, refusal)
+            abort(context, grpc.StatusCode.PERMISSION_DENIED, refusal)
 
     def Download(
         self, request: artifact_pb2.DownloadRequest, context: grpc.ServicerContext
@@ -259,13 +275,17 @@ class ArtifactServicer(artifact_pb2_grpc.ArtifactServiceServicer):  # type: igno
                 held.enter_context(self.slots.hold(caller.org, "a Download stream"))
             except StreamLimitError as err:
                 self._fail(context, err)
-            yield from self._download(request, context)
+            yield from self._download(request, context, caller)
 
     def _download(
-        self, request: artifact_pb2.DownloadRequest, context: grpc.ServicerContext
+        self, request: artifact_pb2.DownloadRequest, context: grpc.ServicerContext, caller: Caller
     ) -> Iterator[artifact_pb2.DownloadChunk]:
         try:
             info = self.store.info(request.digest)
+        except FlexfedError as err:
+            self._fail(context, err)
+        self._check_read(context, caller, info)
+        try:
             blob = self.store.open(request.digest)
         except FlexfedError as err:
             self._fail(context, err)

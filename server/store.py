@@ -3,7 +3,7 @@
 Layout under ``root``::
 
     blobs/sha256/<hex>         an artifact's tar stream (read-only), named by its SHA-256
-    blobs/sha256/<hex>.json    {"digest", "kind", "size", "created"}
+    blobs/sha256/<hex>.json    {"digest", "kind", "size", "created"[, "uploaded_by"]}
     uploads/<upload_id>.json   {"upload_id", "kind", "size", "digest", "owner", "created"}
     uploads/<upload_id>.part   the bytes received so far
 
@@ -183,6 +183,13 @@ class ArtifactStore:
         meta = json.loads((self.blobs / f"{parse_digest(digest)}.json").read_text("utf-8"))
         return ArtifactInfo(digest=digest, kind=ArtifactKind[meta["kind"]], size=meta["size"])
 
+    def uploader(self, digest: str) -> str | None:
+        """The organisation whose upload stored the artifact (None: the coordinator's own)."""
+        self.path(digest)
+        meta = json.loads((self.blobs / f"{parse_digest(digest)}.json").read_text("utf-8"))
+        who = meta.get("uploaded_by")
+        return who if isinstance(who, str) else None
+
     def open(self, digest: str) -> BinaryIO:
         """A binary file object reading a stored artifact (the caller closes it)."""
         return open(self.path(digest), "rb")
@@ -327,7 +334,7 @@ class ArtifactStore:
                     f"upload {upload_id} hashes to {actual}, not the promised {record.digest}; "
                     "it was discarded, upload the artifact again"
                 )
-            info = self._commit(part, record.digest, record.kind, record.size)
+            info = self._commit(part, record.digest, record.kind, record.size, record.owner)
         log.info("upload %s finished: %s", upload_id, info.digest)
         return info
 
@@ -482,8 +489,18 @@ class ArtifactStore:
             self._meta_path(upload_id).unlink(missing_ok=True)
             fsync_dir(self.uploads)
 
-    def _commit(self, src: Path, digest: str, kind: ArtifactKind, size: int) -> ArtifactInfo:
-        """Move a verified file into ``blobs/`` (metadata first, then the blob's rename)."""
+    def _commit(
+        self,
+        src: Path,
+        digest: str,
+        kind: ArtifactKind,
+        size: int,
+        uploaded_by: str | None = None,
+    ) -> ArtifactInfo:
+        """Move a verified file into ``blobs/`` (metadata first, then the blob's rename).
+
+        ``uploaded_by``: the organisation whose upload it was (kept in the metadata, so that
+        the bundle can be served to it before it is submitted)."""
         hexd = parse_digest(digest)
         with self._lock:
             blob = self.blobs / hexd
@@ -491,6 +508,8 @@ class ArtifactStore:
                 src.unlink(missing_ok=True)
             else:
                 meta = {"digest": digest, "kind": kind.name, "size": size, "created": utc_now_iso()}
+                if uploaded_by is not None:
+                    meta["uploaded_by"] = uploaded_by
                 _write_json_atomic(self.blobs / f"{hexd}.json", meta)
                 os.chmod(src, 0o444)
                 os.rename(src, blob)

@@ -1,0 +1,120 @@
+"""Who may download what, through a real mTLS server on 127.0.0.1 (issue 12).
+
+Before the policy, any member downloaded any accepted bundle by its digest, also after its
+owner opted out, and every old release stayed downloadable by everyone. Protects: a bundle
+goes to its organisation (submitted or only uploaded) and the operator, never to another
+owner or an auditor; the anchor to everyone; a release to everyone while its experts are
+accepted, and after one of them opts out only to auditors and the operator; each refusal is
+PERMISSION_DENIED for GetArtifact and for Download alike, and names what is allowed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import make_expert_bundle
+from consortium import Consortium, Member
+
+from flexfed.client.sign import sign_bundle
+from flexfed.common.api.transfer import upload_artifact
+from flexfed.common.formats.anchor import Anchor
+from flexfed.common.formats.archive import ArtifactKind
+from flexfed.common.trust.owner_request import sign_owner_request
+from flexfed.proto.v1 import artifact_pb2, artifact_pb2_grpc
+from flexfed.server.app import build_server
+from flexfed.server.coordinator import Coordinator, init_coordinator
+from flexfed.server.lifecycle import owner_request, release
+from flexfed.server.pipeline import SubmissionPipeline
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def coordinator(
+    consortium: Consortium, small_anchor: Anchor, tmp_path: Path
+) -> Iterator[Coordinator]:
+    root = tmp_path / "coord"
+    init_coordinator(
+        root,
+        ca_cert=consortium.pki.ca_pem,
+        crl=consortium.pki.crl_pem,
+        tls_cert=consortium.server.cert,
+        tls_key=consortium.server.key,
+        anchor_dir=small_anchor.path,
+        origin="access.example/log",
+    )
+    with Coordinator.open(root) as c:
+        yield c
+
+
+@pytest.fixture
+def address(coordinator: Coordinator) -> Iterator[str]:
+    built = build_server(coordinator, listen="127.0.0.1:0")
+    built.start()
+    yield built.address
+    built.stop(grace=None)
+
+
+def readable(consortium: Consortium, address: str, member: Member, digest: str) -> bool:
+    """Whether ``member`` may read ``digest``: GetArtifact and Download must agree."""
+    stub = artifact_pb2_grpc.ArtifactServiceStub(consortium.channel(address, member))
+    outcomes = []
+    for call in (
+        lambda: stub.GetArtifact(artifact_pb2.GetArtifactRequest(digest=digest), timeout=10),
+        lambda: next(stub.Download(artifact_pb2.DownloadRequest(digest=digest), timeout=10)),
+    ):
+        try:
+            call()
+            outcomes.append(True)
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err
+            outcomes.append(False)
+    assert outcomes[0] == outcomes[1], outcomes
+    return outcomes[0]
+
+
+def test_bundles_go_to_their_owner_and_releases_while_their_experts_stay(
+    consortium: Consortium,
+    coordinator: Coordinator,
+    address: str,
+    small_anchor: Anchor,
+    tmp_path: Path,
+) -> None:
+    c = consortium
+    uploaded = {}
+    for member, seed in ((c.acme, 21), (c.globex, 22)):
+        bundle = make_expert_bundle(small_anchor, tmp_path / member.org, member.org, seed)
+        sign_bundle(bundle, member.key, member.cert, [c.pki.ca_pem])
+        channel = c.channel(address, member)
+        uploaded[member.org] = upload_artifact(
+            channel, bundle, ArtifactKind.EXPERT_BUNDLE, progress=False
+        ).digest
+    acme_bundle, globex_bundle = uploaded["acme"], uploaded["globex"]
+    assert SubmissionPipeline(coordinator).submit(acme_bundle, "acme").accepted
+    # globex's bundle is uploaded, not submitted: still globex's alone.
+
+    who = {"acme": c.acme, "globex": c.globex, "auditor": c.auditor, "operator": c.operator}
+
+    def readers(digest: str) -> set[str]:
+        return {name for name, m in who.items() if readable(c, address, m, digest)}
+
+    assert readers(acme_bundle) == {"acme", "operator"}
+    assert readers(globex_bundle) == {"globex", "operator"}
+    assert readers(coordinator.config.anchor.artifact_digest) == set(who)
+
+    v1 = release(coordinator).model_artifact_digest
+    assert readers(v1) == set(who)
+    request = sign_owner_request("opt-out", acme_bundle, "acme", c.acme.key, c.acme.cert)
+    owner_request(coordinator, "opt-out", request, "acme")
+    assert readers(v1) == {"auditor", "operator"}  # it holds an opted-out expert now
+    assert readers(acme_bundle) == {"acme", "operator"}
+
+    stub = artifact_pb2_grpc.ArtifactServiceStub(c.channel(address, c.globex))
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.GetArtifact(artifact_pb2.GetArtifactRequest(digest=v1), timeout=10)
+    assert refused.value.details() == (
+        "release 1 holds an expert that was since opted out or revoked; fetch a newer release"
+    )
