@@ -47,8 +47,9 @@ from flexfed.common.errors import (
     MissingFileError,
     VerificationError,
 )
-from flexfed.common.formats.anchor import Anchor
+from flexfed.common.formats.anchor import ANCHOR_FILE, PROJECTION_FILE, ROUTER_FILE, Anchor
 from flexfed.common.formats.bundle import EXPERT_META, EXPERT_WEIGHTS, PROVENANCE, SIGNATURE
+from flexfed.common.formats.checkpoint import companion_files
 from flexfed.common.formats.families import PROJECTIONS
 from flexfed.common.formats.safetensors_io import DTYPE_SIZES, TensorInfo
 from flexfed.common.moe.assembly import (
@@ -442,7 +443,42 @@ def _check_anchor(report: AuditReport, model: AssembledModel, anchor: Anchor) ->
             f"{', '.join(differ[:3])}",
         )
         return
+    problems = _release_files_problems(model, anchor)
+    if problems:
+        report.fail(Reason.RELEASE_FILES_MISMATCH, "; ".join(problems))
+        return
     report.checked.append("anchor")
+
+
+def _release_files_problems(model: AssembledModel, anchor: Anchor) -> list[str]:
+    """What in the release's other files is not what assembly from the anchor writes.
+
+    FIX (issue 12): the audit compared tensors only, so an operator who swapped two token ids
+    in tokenizer.json and changed rms_norm_eps and rope_theta in config.json, then recorded
+    and signed the release, got PASS. Now: ``config.json`` must be exactly the family's MoE
+    config of the anchor's config for the release's slots and top-k (the one value the
+    operator chooses); every other top-level file must be byte-identical to the anchor's file
+    of that name (tokenizer, generation config, ...), and none may be missing or added.
+    """
+    problems = []
+    family, config = model.family, model.checkpoint.config
+    expected = family.moe_config(anchor.checkpoint.config, len(model.slots), model.top_k)
+    wrong = sorted(k for k in set(config) | set(expected) if config.get(k) != expected.get(k))
+    if wrong:
+        problems.append(f"config.json differs from the anchor's in {', '.join(wrong[:5])}")
+    exclude = {ANCHOR_FILE, ROUTER_FILE, PROJECTION_FILE, "model.sig"}
+    theirs = {p.name: p for p in companion_files(anchor.path, exclude=exclude)}
+    ours = {
+        p.name: p for p in companion_files(model.path, exclude={ASSEMBLY_FILE, RELEASE_SIGNATURE})
+    }
+    for name in sorted(set(theirs) | set(ours)):
+        if name not in ours:
+            problems.append(f"{name} of the anchor is missing")
+        elif name not in theirs:
+            problems.append(f"{name} is not the anchor's (added)")
+        elif sha256_file(ours[name]) != sha256_file(theirs[name]):
+            problems.append(f"{name} differs from the anchor's")
+    return problems
 
 
 def _check_expert_slot(

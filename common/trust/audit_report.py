@@ -34,6 +34,7 @@ class Reason(StrEnum):
     CRL_INVALID = "crl-invalid"
     ANCHOR_MISMATCH = "anchor-mismatch"
     PUBLIC_WEIGHTS_MISMATCH = "public-weights-mismatch"
+    RELEASE_FILES_MISMATCH = "release-files-mismatch"
     LOG_NOT_RECORDED = "log-not-recorded"
     LOG_CHECKPOINT_INVALID = "log-checkpoint-invalid"
     LOG_FORK = "log-fork"

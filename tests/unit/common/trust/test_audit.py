@@ -411,8 +411,8 @@ def test_opt_out_then_record_and_sign_passes_and_the_old_release_fails(
     sign_release(smaller, *world.operator, [world.ca_pem])
     assert last["type"] == "opt-out" and last["org"] == "globex"
 
-    report = release.audit(model_dir=smaller)
-    assert report.ok, report.summary()
+    report = release.audit(model_dir=smaller, anchor=world.anchor)
+    assert report.ok, report.summary()  # the opted-out config is still the anchor's, made MoE
     assert [s.org for s in report.slots] == [None, "acme", "initech"]
     assert [s.log_index for s in report.slots] == [None, 0, 2]  # accepted once, logged once
 
@@ -451,6 +451,17 @@ def test_a_key_compromise_fails_the_audit_whenever_it_runs(release: Release) -> 
     report = release.audit(at=accepted + dt.timedelta(days=1))
     assert report.reasons == ["owner-revoked"]
     assert [f.slot for f in report.all_findings] == [2]
+
+
+def test_edited_tokenizer_and_config_are_named(release: Release) -> None:
+    report = release.audit(**_tokenizer_and_config_edited(release))
+    assert [(str(f.reason), f.message) for f in report.all_findings] == [
+        (
+            "release-files-mismatch",
+            "config.json differs from the anchor's in rms_norm_eps, rope_theta; tokenizer.json "
+            "differs from the anchor's",
+        )
+    ]
 
 
 def test_record_release_refuses_a_signed_or_recorded_model(release: Release) -> None:
@@ -568,6 +579,21 @@ def _another_anchor(rel: Release) -> dict[str, Any]:
 
 def _shared_tensor_changed(rel: Release) -> dict[str, Any]:
     _shard_byte(rel)
+    rel.rerelease()
+    return {"anchor": rel.world.anchor}
+
+
+def _tokenizer_and_config_edited(rel: Release) -> dict[str, Any]:
+    """Issue 12: two token ids swapped in tokenizer.json, rms_norm_eps and rope_theta changed,
+    then recorded and signed by the operator: the tensors are all the anchor's."""
+    tok = json.loads((rel.model / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = list(vocab)[5:7]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (rel.model / "tokenizer.json").write_text(json.dumps(tok))
+    config = json.loads((rel.model / "config.json").read_text())
+    config["rms_norm_eps"], config["rope_theta"] = 1e-3, 1234.0
+    write_json(rel.model / "config.json", config)
     rel.rerelease()
     return {"anchor": rel.world.anchor}
 
@@ -730,6 +756,10 @@ TAMPER_CASES: dict[str, tuple[Tamper, Reason, set[str], set[int]]] = {
     ),
     "shared tensor changed, re-released": (
         _shared_tensor_changed, Reason.PUBLIC_WEIGHTS_MISMATCH, {"public-weights-mismatch"}, set()
+    ),
+    "tokenizer and config edited, re-released": (
+        _tokenizer_and_config_edited, Reason.RELEASE_FILES_MISMATCH, {"release-files-mismatch"},
+        set(),
     ),
     "assembly.json misdescribes a slot, re-signed": (
         _record_lies, Reason.RECORD_MISMATCH, {"record-mismatch"}, {1}
