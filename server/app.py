@@ -85,6 +85,7 @@ def _add_artifacts(server: grpc.Server, coordinator: Coordinator, auth: Authoriz
             max_bundle_bytes=max_bundle_bytes(coordinator.anchor),
             # FIX (issue 12): any member downloaded any bundle, also after its owner left.
             may_read=ReadPolicy(coordinator).refusal,
+            uploads_per_member=limits.uploads_per_member,
         ),
         server,
     )

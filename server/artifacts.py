@@ -2,8 +2,9 @@
 
 Who may call what (roles from the caller's mTLS certificate, :mod:`flexfed.server.auth`):
 
-- StartUpload, GetUpload, Upload, FinishUpload: owners and the operator. Owners upload only
-  expert bundles and see only their organisation's uploads; the operator any kind, any upload.
+- StartUpload, GetUpload, Upload, FinishUpload, CancelUpload: owners and the operator. Owners
+  upload only expert bundles and see only their organisation's uploads (at most
+  ``limits.uploads_per_member`` unfinished at once); the operator any kind, any upload.
 - GetArtifact, Download: every member (owners, auditors, the operator), for the artifacts
   the read policy gives it (:mod:`flexfed.server.access`: a bundle to its organisation, a
   release to owners while its experts stay, ...); otherwise ``PERMISSION_DENIED``.
@@ -54,6 +55,7 @@ from flexfed.server.store import (
     UploadCompleteError,
     UploadIncompleteError,
     UploadPermissionError,
+    UploadQuotaError,
     UploadState,
 )
 
@@ -63,6 +65,7 @@ log = logging.getLogger(__name__)
 _STATUS: list[tuple[type[FlexfedError], grpc.StatusCode]] = [
     (ArtifactTooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (StreamLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (UploadQuotaError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (UnknownUploadError, grpc.StatusCode.NOT_FOUND),
     (UnknownArtifactError, grpc.StatusCode.NOT_FOUND),
     (UploadPermissionError, grpc.StatusCode.PERMISSION_DENIED),
@@ -134,6 +137,7 @@ class ArtifactServicer(artifact_pb2_grpc.ArtifactServiceServicer):  # type: igno
         slots: StreamSlots | None = None,
         max_bundle_bytes: int | None = None,
         may_read: Callable[[Caller, ArtifactInfo], str | None] | None = None,
+        uploads_per_member: int | None = None,
     ) -> None:
         self.store = store
         self.auth = authorizer
@@ -146,6 +150,7 @@ class ArtifactServicer(artifact_pb2_grpc.ArtifactServiceServicer):  # type: igno
         # Who may read which artifact (flexfed.server.access): why not, or None. Without one,
         # every member reads everything (the data plane alone, as in its own tests).
         self.may_read = may_read
+        self.uploads_per_member = uploads_per_member  # unfinished uploads an owner may hold
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -184,10 +189,23 @@ class ArtifactServicer(artifact_pb2_grpc.ArtifactServiceServicer):  # type: igno
                 f"{request.size} bytes cannot be a valid one",
             )
         try:
-            state = self.store.start_upload(kind, request.size, request.digest, caller.org)
+            limit = None if caller.role == "operator" else self.uploads_per_member
+            state = self.store.start_upload(
+                kind, request.size, request.digest, caller.org, max_unfinished=limit
+            )
         except FlexfedError as err:
             self._fail(context, err)
         return _state_to_proto(state)
+
+    def CancelUpload(
+        self, request: artifact_pb2.CancelUploadRequest, context: grpc.ServicerContext
+    ) -> artifact_pb2.CancelUploadResponse:
+        _, owner = self._uploader(context)
+        try:
+            self.store.cancel(request.upload_id, owner)
+        except FlexfedError as err:
+            self._fail(context, err)
+        return artifact_pb2.CancelUploadResponse()
 
     def GetUpload(
         self, request: artifact_pb2.GetUploadRequest, context: grpc.ServicerContext

@@ -39,6 +39,7 @@ DEFAULT_WORKERS = 16
 DEFAULT_RESERVED_WORKERS = 4
 DEFAULT_STREAMS_PER_MEMBER = 2
 DEFAULT_MAX_CONCURRENT_RPCS = 64
+DEFAULT_UPLOADS_PER_MEMBER = 4
 DEFAULT_GRACE_SECONDS = 10.0
 DEFAULT_STREAM_IDLE_SECONDS = 120.0
 
@@ -61,6 +62,8 @@ class Limits:
     streams_per_member: int = DEFAULT_STREAMS_PER_MEMBER
     reserved_workers: int = DEFAULT_RESERVED_WORKERS
     max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS  # beyond it: refused, not queued
+    # unfinished uploads one organisation may hold (each bounded by the anchor's bundle size)
+    uploads_per_member: int = DEFAULT_UPLOADS_PER_MEMBER
 
     @property
     def transfer_streams(self) -> int:
@@ -75,6 +78,7 @@ class Limits:
             "streams_per_member",
             "reserved_workers",
             "max_concurrent_rpcs",
+            "uploads_per_member",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -215,6 +219,8 @@ class CoordinatorConfig:
             f"streams_per_member = {self.limits.streams_per_member}",
             f"reserved_workers = {self.limits.reserved_workers}",
             f"max_concurrent_rpcs = {self.limits.max_concurrent_rpcs}",
+            "# unfinished uploads one organisation may hold (CancelUpload frees one)",
+            f"uploads_per_member = {self.limits.uploads_per_member}",
             "",
             "[tls]",
             f"ca_cert = {path(self.tls.ca_cert)}",

@@ -74,6 +74,10 @@ class ArtifactTooLargeError(InvalidInputError):
     """An upload or a chunk is larger than the server accepts."""
 
 
+class UploadQuotaError(InvalidInputError):
+    """The owner holds as many unfinished uploads as it may (``RESOURCE_EXHAUSTED``)."""
+
+
 class UnknownUploadError(InvalidInputError, LookupError):
     """No upload has this id."""
 
@@ -196,9 +200,19 @@ class ArtifactStore:
 
     # --- uploads ---------------------------------------------------------------------------
 
-    def start_upload(self, kind: ArtifactKind, size: int, digest: str, owner: str) -> UploadState:
+    def start_upload(
+        self,
+        kind: ArtifactKind,
+        size: int,
+        digest: str,
+        owner: str,
+        max_unfinished: int | None = None,
+    ) -> UploadState:
         """Begin an upload, resume the owner's unfinished one for ``digest``, or report that
-        the artifact is already stored (``complete``)."""
+        the artifact is already stored (``complete``).
+
+        ``max_unfinished``: how many unfinished uploads ``owner`` may hold; a new one beyond
+        it raises :class:`UploadQuotaError` (resuming one is always allowed)."""
         try:
             kind = ArtifactKind(kind)
         except ValueError as err:
@@ -222,6 +236,18 @@ class ArtifactStore:
                 if record.digest == digest and record.owner == owner:
                     self._check_same(ArtifactInfo(digest, record.kind, record.size), kind, size)
                     return self._state(record)
+            if max_unfinished is not None:
+                held = sum(
+                    1
+                    for r in self._records.values()
+                    if r.owner == owner and not (self.blobs / parse_digest(r.digest)).exists()
+                )
+                if held >= max_unfinished:
+                    # FIX (issue 12): uploads were unbounded per member (and kept 7 days).
+                    raise UploadQuotaError(
+                        f"{owner} already holds {held} unfinished upload(s), the most one member "
+                        f"may (limits.uploads_per_member); finish or cancel one first"
+                    )
             record = _Upload(secrets.token_hex(16), kind, size, digest, owner, utc_now_iso())
             _write_json_atomic(
                 self._meta_path(record.upload_id), asdict(record) | {"kind": kind.name}
@@ -239,6 +265,16 @@ class ArtifactStore:
             owner,
         )
         return self._state(record)
+
+    def cancel(self, upload_id: str, owner: str | None) -> None:
+        """Drop an unfinished upload and its bytes (``owner`` must be its owner; ``None``: the
+        operator). A finished one is left alone: its artifact is stored."""
+        self._record(upload_id, owner)
+        with self._upload_lock(upload_id):
+            record = self._record(upload_id, owner)  # NOTE: not discarded while we waited
+            if record.digest not in self:
+                self._discard(upload_id)
+        log.info("upload %s cancelled", upload_id)
 
     def upload_state(self, upload_id: str, owner: str | None) -> UploadState:
         """The state of an upload; ``owner`` must be its owner (``None``: the operator)."""

@@ -93,7 +93,8 @@ def test_held_streams_starve_nobody(
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(16 << 20))
     operator = consortium.channel(address, consortium.operator)
-    stored = upload_artifact(operator, big, ArtifactKind.MODEL, progress=False)
+    # An anchor-kind artifact: every member may read one (flexfed.server.access).
+    stored = upload_artifact(operator, big, ArtifactKind.ANCHOR, progress=False)
     assert stored.digest == "sha256:" + hashlib.sha256(big.read_bytes()).hexdigest()
 
     owners = [consortium.pki.member(f"holder-{i}") for i in range(5)]
@@ -184,3 +185,41 @@ def test_an_owner_upload_larger_than_any_valid_bundle_is_refused_before_a_byte(
     ), details
     assert list((root / "store" / "uploads").iterdir()) == []
     assert start(BOUND).upload_id  # the largest a bundle can be is admitted
+
+
+def test_unfinished_uploads_are_bounded_per_member_and_can_be_cancelled(
+    consortium: Consortium, served: tuple[Path, str]
+) -> None:
+    """Issue 12: no bound on a member's unfinished uploads, and no call to cancel one."""
+    root, address = served
+    acme = artifact_pb2_grpc.ArtifactServiceStub(consortium.channel(address, consortium.acme))
+    globex = artifact_pb2_grpc.ArtifactServiceStub(consortium.channel(address, consortium.globex))
+
+    def start(stub: artifact_pb2_grpc.ArtifactServiceStub, i: int) -> artifact_pb2.UploadState:
+        request = artifact_pb2.StartUploadRequest(
+            kind=artifact_pb2.ARTIFACT_KIND_EXPERT_BUNDLE,
+            size=1000,
+            digest="sha256:" + hashlib.sha256(b"%d" % i).hexdigest(),
+        )
+        return stub.StartUpload(request, timeout=10)
+
+    held = [start(acme, i) for i in range(4)]  # limits.uploads_per_member = 4 by default
+    details = _refused_at_once(lambda: start(acme, 4))
+    assert details == (
+        "acme already holds 4 unfinished upload(s), the most one member may "
+        "(limits.uploads_per_member); finish or cancel one first"
+    )
+    assert start(acme, 0).upload_id == held[0].upload_id  # resuming is always allowed
+    assert start(globex, 4).upload_id  # another member's quota is its own
+
+    cancel = artifact_pb2.CancelUploadRequest(upload_id=held[0].upload_id)
+    with pytest.raises(grpc.RpcError) as foreign:
+        globex.CancelUpload(cancel, timeout=10)
+    assert foreign.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    acme.CancelUpload(cancel, timeout=10)
+    uploads = root / "store" / "uploads"
+    assert not list(uploads.glob(f"{held[0].upload_id}.*"))  # record and bytes gone
+    with pytest.raises(grpc.RpcError) as gone:
+        acme.GetUpload(artifact_pb2.GetUploadRequest(upload_id=held[0].upload_id), timeout=10)
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    assert start(acme, 5).upload_id  # the cancelled one's place is free

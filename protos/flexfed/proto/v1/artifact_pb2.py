@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66lexfed/proto/v1/artifact.proto\x12\x10\x66lexfed.proto.v1\"Z\n\x0c\x41rtifactInfo\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12,\n\x04kind\x18\x02 \x01(\x0e\x32\x1e.flexfed.proto.v1.ArtifactKind\x12\x0c\n\x04size\x18\x03 \x01(\x04\"`\n\x12StartUploadRequest\x12,\n\x04kind\x18\x01 \x01(\x0e\x32\x1e.flexfed.proto.v1.ArtifactKind\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\"y\n\x0bUploadState\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x05 \x01(\r\x12\x10\n\x08\x63omplete\x18\x06 \x01(\x08\"T\n\x0bUploadChunk\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63hunk_sha256\x18\x04 \x01(\t\"%\n\x10GetUploadRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"(\n\x13\x46inishUploadRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"$\n\x12GetArtifactRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"A\n\x0f\x44ownloadRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"u\n\rDownloadChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x14\n\x0c\x63hunk_sha256\x18\x03 \x01(\t\x12\x30\n\x08\x61rtifact\x18\x04 \x01(\x0b\x32\x1e.flexfed.proto.v1.ArtifactInfo*\x81\x01\n\x0c\x41rtifactKind\x12\x1d\n\x19\x41RTIFACT_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41RTIFACT_KIND_ANCHOR\x10\x01\x12\x1f\n\x1b\x41RTIFACT_KIND_EXPERT_BUNDLE\x10\x02\x12\x17\n\x13\x41RTIFACT_KIND_MODEL\x10\x03\x32\xfd\x03\n\x0f\x41rtifactService\x12R\n\x0bStartUpload\x12$.flexfed.proto.v1.StartUploadRequest\x1a\x1d.flexfed.proto.v1.UploadState\x12N\n\tGetUpload\x12\".flexfed.proto.v1.GetUploadRequest\x1a\x1d.flexfed.proto.v1.UploadState\x12H\n\x06Upload\x12\x1d.flexfed.proto.v1.UploadChunk\x1a\x1d.flexfed.proto.v1.UploadState(\x01\x12U\n\x0c\x46inishUpload\x12%.flexfed.proto.v1.FinishUploadRequest\x1a\x1e.flexfed.proto.v1.ArtifactInfo\x12S\n\x0bGetArtifact\x12$.flexfed.proto.v1.GetArtifactRequest\x1a\x1e.flexfed.proto.v1.ArtifactInfo\x12P\n\x08\x44ownload\x12!.flexfed.proto.v1.DownloadRequest\x1a\x1f.flexfed.proto.v1.DownloadChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66lexfed/proto/v1/artifact.proto\x12\x10\x66lexfed.proto.v1\"Z\n\x0c\x41rtifactInfo\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12,\n\x04kind\x18\x02 \x01(\x0e\x32\x1e.flexfed.proto.v1.ArtifactKind\x12\x0c\n\x04size\x18\x03 \x01(\x04\"`\n\x12StartUploadRequest\x12,\n\x04kind\x18\x01 \x01(\x0e\x32\x1e.flexfed.proto.v1.ArtifactKind\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\"y\n\x0bUploadState\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x04 \x01(\t\x12\x17\n\x0fmax_chunk_bytes\x18\x05 \x01(\r\x12\x10\n\x08\x63omplete\x18\x06 \x01(\x08\"T\n\x0bUploadChunk\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x14\n\x0c\x63hunk_sha256\x18\x04 \x01(\t\"%\n\x10GetUploadRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"(\n\x13\x46inishUploadRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"$\n\x12GetArtifactRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\"A\n\x0f\x44ownloadRequest\x12\x0e\n\x06\x64igest\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"(\n\x13\x43\x61ncelUploadRequest\x12\x11\n\tupload_id\x18\x01 \x01(\t\"\x16\n\x14\x43\x61ncelUploadResponse\"u\n\rDownloadChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x14\n\x0c\x63hunk_sha256\x18\x03 \x01(\t\x12\x30\n\x08\x61rtifact\x18\x04 \x01(\x0b\x32\x1e.flexfed.proto.v1.ArtifactInfo*\x81\x01\n\x0c\x41rtifactKind\x12\x1d\n\x19\x41RTIFACT_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41RTIFACT_KIND_ANCHOR\x10\x01\x12\x1f\n\x1b\x41RTIFACT_KIND_EXPERT_BUNDLE\x10\x02\x12\x17\n\x13\x41RTIFACT_KIND_MODEL\x10\x03\x32\xdc\x04\n\x0f\x41rtifactService\x12R\n\x0bStartUpload\x12$.flexfed.proto.v1.StartUploadRequest\x1a\x1d.flexfed.proto.v1.UploadState\x12N\n\tGetUpload\x12\".flexfed.proto.v1.GetUploadRequest\x1a\x1d.flexfed.proto.v1.UploadState\x12H\n\x06Upload\x12\x1d.flexfed.proto.v1.UploadChunk\x1a\x1d.flexfed.proto.v1.UploadState(\x01\x12U\n\x0c\x46inishUpload\x12%.flexfed.proto.v1.FinishUploadRequest\x1a\x1e.flexfed.proto.v1.ArtifactInfo\x12]\n\x0c\x43\x61ncelUpload\x12%.flexfed.proto.v1.CancelUploadRequest\x1a&.flexfed.proto.v1.CancelUploadResponse\x12S\n\x0bGetArtifact\x12$.flexfed.proto.v1.GetArtifactRequest\x1a\x1e.flexfed.proto.v1.ArtifactInfo\x12P\n\x08\x44ownload\x12!.flexfed.proto.v1.DownloadRequest\x1a\x1f.flexfed.proto.v1.DownloadChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'flexfed.proto.v1.artifact_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ARTIFACTKIND']._serialized_start=758
-  _globals['_ARTIFACTKIND']._serialized_end=887
+  _globals['_ARTIFACTKIND']._serialized_start=824
+  _globals['_ARTIFACTKIND']._serialized_end=953
   _globals['_ARTIFACTINFO']._serialized_start=53
   _globals['_ARTIFACTINFO']._serialized_end=143
   _globals['_STARTUPLOADREQUEST']._serialized_start=145
@@ -49,8 +49,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETARTIFACTREQUEST']._serialized_end=569
   _globals['_DOWNLOADREQUEST']._serialized_start=571
   _globals['_DOWNLOADREQUEST']._serialized_end=636
-  _globals['_DOWNLOADCHUNK']._serialized_start=638
-  _globals['_DOWNLOADCHUNK']._serialized_end=755
-  _globals['_ARTIFACTSERVICE']._serialized_start=890
-  _globals['_ARTIFACTSERVICE']._serialized_end=1399
+  _globals['_CANCELUPLOADREQUEST']._serialized_start=638
+  _globals['_CANCELUPLOADREQUEST']._serialized_end=678
+  _globals['_CANCELUPLOADRESPONSE']._serialized_start=680
+  _globals['_CANCELUPLOADRESPONSE']._serialized_end=702
+  _globals['_DOWNLOADCHUNK']._serialized_start=704
+  _globals['_DOWNLOADCHUNK']._serialized_end=821
+  _globals['_ARTIFACTSERVICE']._serialized_start=956
+  _globals['_ARTIFACTSERVICE']._serialized_end=1560
 # @@protoc_insertion_point(module_scope)

@@ -219,6 +219,31 @@ class DownloadRequest(google.protobuf.message.Message):
 global___DownloadRequest = DownloadRequest
 
 @typing.final
+class CancelUploadRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    UPLOAD_ID_FIELD_NUMBER: builtins.int
+    upload_id: builtins.str
+    def __init__(
+        self,
+        *,
+        upload_id: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["upload_id", b"upload_id"]) -> None: ...
+
+global___CancelUploadRequest = CancelUploadRequest
+
+@typing.final
+class CancelUploadResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+
+global___CancelUploadResponse = CancelUploadResponse
+
+@typing.final
 class DownloadChunk(google.protobuf.message.Message):
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 

@@ -54,6 +54,11 @@ class ArtifactServiceStub(object):
                 request_serializer=flexfed_dot_proto_dot_v1_dot_artifact__pb2.FinishUploadRequest.SerializeToString,
                 response_deserializer=flexfed_dot_proto_dot_v1_dot_artifact__pb2.ArtifactInfo.FromString,
                 _registered_method=True)
+        self.CancelUpload = channel.unary_unary(
+                '/flexfed.proto.v1.ArtifactService/CancelUpload',
+                request_serializer=flexfed_dot_proto_dot_v1_dot_artifact__pb2.CancelUploadRequest.SerializeToString,
+                response_deserializer=flexfed_dot_proto_dot_v1_dot_artifact__pb2.CancelUploadResponse.FromString,
+                _registered_method=True)
         self.GetArtifact = channel.unary_unary(
                 '/flexfed.proto.v1.ArtifactService/GetArtifact',
                 request_serializer=flexfed_dot_proto_dot_v1_dot_artifact__pb2.GetArtifactRequest.SerializeToString,
@@ -96,6 +101,13 @@ class ArtifactServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelUpload(self, request, context):
+        """Drop an unfinished upload and its bytes (its owner or the operator; idempotent).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetArtifact(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -130,6 +142,11 @@ def add_ArtifactServiceServicer_to_server(servicer, server):
                     servicer.FinishUpload,
                     request_deserializer=flexfed_dot_proto_dot_v1_dot_artifact__pb2.FinishUploadRequest.FromString,
                     response_serializer=flexfed_dot_proto_dot_v1_dot_artifact__pb2.ArtifactInfo.SerializeToString,
+            ),
+            'CancelUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelUpload,
+                    request_deserializer=flexfed_dot_proto_dot_v1_dot_artifact__pb2.CancelUploadRequest.FromString,
+                    response_serializer=flexfed_dot_proto_dot_v1_dot_artifact__pb2.CancelUploadResponse.SerializeToString,
             ),
             'GetArtifact': grpc.unary_unary_rpc_method_handler(
                     servicer.GetArtifact,
@@ -250,6 +267,33 @@ class ArtifactService(object):
             '/flexfed.proto.v1.ArtifactService/FinishUpload',
             flexfed_dot_proto_dot_v1_dot_artifact__pb2.FinishUploadRequest.SerializeToString,
             flexfed_dot_proto_dot_v1_dot_artifact__pb2.ArtifactInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flexfed.proto.v1.ArtifactService/CancelUpload',
+            flexfed_dot_proto_dot_v1_dot_artifact__pb2.CancelUploadRequest.SerializeToString,
+            flexfed_dot_proto_dot_v1_dot_artifact__pb2.CancelUploadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,12 @@ class ArtifactServiceStub:
     ]
     """Check the whole digest and move the artifact into the store (atomic; idempotent)."""
 
+    CancelUpload: grpc.UnaryUnaryMultiCallable[
+        flexfed.proto.v1.artifact_pb2.CancelUploadRequest,
+        flexfed.proto.v1.artifact_pb2.CancelUploadResponse,
+    ]
+    """Drop an unfinished upload and its bytes (its owner or the operator; idempotent)."""
+
     GetArtifact: grpc.UnaryUnaryMultiCallable[
         flexfed.proto.v1.artifact_pb2.GetArtifactRequest,
         flexfed.proto.v1.artifact_pb2.ArtifactInfo,
@@ -81,6 +87,12 @@ class ArtifactServiceAsyncStub:
         flexfed.proto.v1.artifact_pb2.ArtifactInfo,
     ]
     """Check the whole digest and move the artifact into the store (atomic; idempotent)."""
+
+    CancelUpload: grpc.aio.UnaryUnaryMultiCallable[
+        flexfed.proto.v1.artifact_pb2.CancelUploadRequest,
+        flexfed.proto.v1.artifact_pb2.CancelUploadResponse,
+    ]
+    """Drop an unfinished upload and its bytes (its owner or the operator; idempotent)."""
 
     GetArtifact: grpc.aio.UnaryUnaryMultiCallable[
         flexfed.proto.v1.artifact_pb2.GetArtifactRequest,
@@ -123,6 +135,14 @@ class ArtifactServiceServicer(metaclass=abc.ABCMeta):
         context: _ServicerContext,
     ) -> typing.Union[flexfed.proto.v1.artifact_pb2.ArtifactInfo, collections.abc.Awaitable[flexfed.proto.v1.artifact_pb2.ArtifactInfo]]:
         """Check the whole digest and move the artifact into the store (atomic; idempotent)."""
+
+    @abc.abstractmethod
+    def CancelUpload(
+        self,
+        request: flexfed.proto.v1.artifact_pb2.CancelUploadRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[flexfed.proto.v1.artifact_pb2.CancelUploadResponse, collections.abc.Awaitable[flexfed.proto.v1.artifact_pb2.CancelUploadResponse]]:
+        """Drop an unfinished upload and its bytes (its owner or the operator; idempotent)."""
 
     @abc.abstractmethod
     def GetArtifact(
