@@ -30,7 +30,7 @@ from flexfed.server.admission import StreamSlots
 from flexfed.server.audit_service import AuditServicer
 from flexfed.server.auth import Authorizer
 from flexfed.server.config import CoordinatorConfig
-from flexfed.server.consistency import recover
+from flexfed.server.consistency import collect_unsubmitted, recover
 from flexfed.server.coordinator import Coordinator
 from flexfed.server.registry_service import RegistryServicer
 from flexfed.server.statuses import StatusInterceptor
@@ -145,6 +145,7 @@ def open_for_serving(config: CoordinatorConfig) -> Coordinator:
         for path in coordinator.store.recover():
             logger.warning("store recovery removed %s", path)
         recover(coordinator)
+        collect_unsubmitted(coordinator)
         coordinator.clear_staging()
     except BaseException:
         coordinator.close()

@@ -40,6 +40,7 @@ DEFAULT_RESERVED_WORKERS = 4
 DEFAULT_STREAMS_PER_MEMBER = 2
 DEFAULT_MAX_CONCURRENT_RPCS = 64
 DEFAULT_UPLOADS_PER_MEMBER = 4
+DEFAULT_UNSUBMITTED_DAYS = 7.0
 DEFAULT_GRACE_SECONDS = 10.0
 DEFAULT_STREAM_IDLE_SECONDS = 120.0
 
@@ -64,6 +65,8 @@ class Limits:
     max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS  # beyond it: refused, not queued
     # unfinished uploads one organisation may hold (each bounded by the anchor's bundle size)
     uploads_per_member: int = DEFAULT_UPLOADS_PER_MEMBER
+    # an uploaded bundle never submitted for this long is deleted when the coordinator starts
+    unsubmitted_days: float = DEFAULT_UNSUBMITTED_DAYS
 
     @property
     def transfer_streams(self) -> int:
@@ -98,6 +101,9 @@ class Limits:
             )
         if not isinstance(self.grace_seconds, int | float) or self.grace_seconds < 0:
             raise ConfigError("limits.grace_seconds must be a number of seconds, 0 or more")
+        days = self.unsubmitted_days
+        if isinstance(days, bool) or not isinstance(days, int | float) or days <= 0:
+            raise ConfigError("limits.unsubmitted_days must be a number of days, above 0")
         idle = self.stream_idle_seconds
         if isinstance(idle, bool) or not isinstance(idle, int | float) or idle <= 0:
             raise ConfigError("limits.stream_idle_seconds must be a number of seconds, above 0")
@@ -221,6 +227,8 @@ class CoordinatorConfig:
             f"max_concurrent_rpcs = {self.limits.max_concurrent_rpcs}",
             "# unfinished uploads one organisation may hold (CancelUpload frees one)",
             f"uploads_per_member = {self.limits.uploads_per_member}",
+            "# days an uploaded bundle may wait for its submission before it is deleted",
+            f"unsubmitted_days = {float(self.limits.unsubmitted_days)}",
             "",
             "[tls]",
             f"ca_cert = {path(self.tls.ca_cert)}",

@@ -15,13 +15,16 @@ copy that is not the published one.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flexfed.common.formats.archive import ArtifactKind
 from flexfed.common.formats.checkpoint import read_json
 from flexfed.common.trust.log_events import parse_entry
+from flexfed.common.util.clock import as_utc, utc_now
 from flexfed.server.coordinator import Coordinator
 from flexfed.server.lifecycle import finish_release, release_dir
 from flexfed.server.pipeline import record_of
@@ -79,6 +82,32 @@ class LogReplay:
             ]
             ids.append(match[-1] if match else "")
         return ids
+
+
+def collect_unsubmitted(coordinator: Coordinator) -> list[str]:
+    """Delete expert bundles uploaded but never submitted within ``limits.unsubmitted_days``.
+
+    FIX (issue 12): a finished upload that was never submitted stayed forever; a member could
+    fill the disk with them. A submitted bundle (accepted, opted out or revoked: the registry
+    knows it) is never collected. Runs at startup, before serving (no submission can be
+    checking a bundle meanwhile). Returns the digests removed.
+    """
+    c = coordinator
+    cutoff = utc_now() - dt.timedelta(days=c.config.limits.unsubmitted_days)
+    removed = []
+    for info, created in c.store.stored():
+        if info.kind != ArtifactKind.EXPERT_BUNDLE or c.registry.expert(info.digest) is not None:
+            continue
+        try:
+            old = as_utc(dt.datetime.fromisoformat(created)) < cutoff
+        except ValueError:
+            old = True  # no readable time: older than anything we wrote
+        if old:
+            c.store.remove(info.digest)
+            removed.append(info.digest)
+    for digest in removed:
+        logger.warning("collected %s: uploaded, never submitted", digest)
+    return removed
 
 
 def recover(coordinator: Coordinator) -> list[str]:

@@ -194,6 +194,27 @@ class ArtifactStore:
         who = meta.get("uploaded_by")
         return who if isinstance(who, str) else None
 
+    def stored(self) -> list[tuple[ArtifactInfo, str]]:
+        """Every stored artifact with its creation time (ISO 8601), in digest order."""
+        out = []
+        for meta in sorted(self.blobs.glob("*.json")):
+            if not (self.blobs / meta.stem).is_file():
+                continue
+            doc = json.loads(meta.read_text("utf-8"))
+            info = ArtifactInfo(doc["digest"], ArtifactKind[doc["kind"]], doc["size"])
+            out.append((info, str(doc.get("created", ""))))
+        return out
+
+    def remove(self, digest: str) -> None:
+        """Delete a stored artifact: its blob first, so that it is never half there (an
+        artifact is visible only with both files; recover() drops a lone metadata file)."""
+        hexd = parse_digest(digest)
+        with self._lock:
+            (self.blobs / hexd).unlink(missing_ok=True)
+            (self.blobs / f"{hexd}.json").unlink(missing_ok=True)
+            fsync_dir(self.blobs)
+        log.info("removed %s from the store", digest)
+
     def open(self, digest: str) -> BinaryIO:
         """A binary file object reading a stored artifact (the caller closes it)."""
         return open(self.path(digest), "rb")

@@ -11,6 +11,7 @@ the log at startup, and ``check`` reports exactly such disagreements.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import re
 import shutil
@@ -37,7 +38,7 @@ from flexfed.common.trust.owner_request import sign_owner_request
 from flexfed.common.trust.signing import BundleVerifier
 from flexfed.server import lifecycle
 from flexfed.server.config import load_config
-from flexfed.server.consistency import check, recover
+from flexfed.server.consistency import check, collect_unsubmitted, recover
 from flexfed.server.coordinator import Coordinator, CoordinatorExistsError, init_coordinator
 from flexfed.server.lifecycle import StateError, _event, owner_request, release, revoke
 from flexfed.server.pipeline import (
@@ -351,6 +352,27 @@ def test_one_set_of_weights_is_one_expert_from_one_org(
     owner_request(coordinator, "opt-out", request, "acme")
     assert pipeline.submit(copied, "globex").reason_code == "weights-duplicate"  # still
     assert pipeline.submit(again, "acme").accepted  # the owner may replace its opted-out one
+    assert check(coordinator) == []
+
+
+def test_bundles_never_submitted_are_collected_after_their_days(
+    coordinator: Coordinator, small_anchor: Anchor, acme: Member, pki: Pki, tmp_path: Path
+) -> None:
+    """Issue 12: finished but never submitted uploads were kept forever."""
+    submitted = upload(coordinator, signed_bundle(small_anchor, tmp_path, acme, pki, seed=31))
+    assert SubmissionPipeline(coordinator).submit(submitted, "acme").accepted
+    stale = upload(coordinator, signed_bundle(small_anchor, tmp_path, acme, pki, 32, name="s"))
+    fresh = upload(coordinator, signed_bundle(small_anchor, tmp_path, acme, pki, 33, name="f"))
+    long_ago = "2026-01-01T00:00:00+00:00"  # more than the default 7 days
+    for digest in (submitted, stale):
+        meta = coordinator.store.blobs / (digest.removeprefix("sha256:") + ".json")
+        doc = json.loads(meta.read_text())
+        meta.write_text(json.dumps({**doc, "created": long_ago}))
+
+    assert collect_unsubmitted(coordinator) == [stale]
+    assert stale not in coordinator.store
+    assert submitted in coordinator.store and fresh in coordinator.store
+    assert coordinator.config.anchor.artifact_digest in coordinator.store  # not a bundle
     assert check(coordinator) == []
 
 
