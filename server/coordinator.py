@@ -16,10 +16,10 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -46,10 +46,12 @@ from flexfed.server.config import (
     TlsFiles,
     load_config,
 )
+from flexfed.server.failpoints import failpoint
 from flexfed.server.registry import AnchorRecord, Registry, display_url
 from flexfed.server.store import ArtifactStore
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class CoordinatorExistsError(ConfigError, FileExistsError):
@@ -215,6 +217,28 @@ class Coordinator:
         self.registry = Registry(config.database_url)
         self.log = log or open_log(config.log_file)
         config.staging_dir.mkdir(exist_ok=True)
+        # A registry write failed after its log entry (e.g. the database went away, twice):
+        # the services run the startup recovery before the next change (consistency.recover).
+        self.needs_recovery = False
+
+    def after_log(self, write: Callable[[], T], what: str) -> T:
+        """Run ``write``, the registry change that a log entry already written stands for.
+
+        FIX (issue 12): an opt-out whose registry write failed after its log entry answered
+        UNKNOWN, and registry and log disagreed until a restart. The log entry is the
+        decision, so the change is completed: retried once at once, and if that fails too,
+        :attr:`needs_recovery` makes the next change replay the log first.
+        """
+        try:
+            failpoint("registry-after-log")  # fault tests: the first registry write fails
+            return write()
+        except Exception:
+            logger.exception("%s: the registry write after its log entry failed; retrying", what)
+            try:
+                return write()
+            except Exception:
+                self.needs_recovery = True
+                raise
 
     @classmethod
     def open(cls, root: Path | str) -> Coordinator:

@@ -11,7 +11,8 @@ The variable is a comma-separated list of ``name`` or ``name=ACTION``:
   the process with SIGKILL;
 - ``crash``: write the marker, then SIGKILL this process at once;
 - ``enospc``: write the marker, then raise ``OSError(ENOSPC)`` as a full disk would (the
-  server goes on).
+  server goes on);
+- ``error``: write the marker, then raise ``RuntimeError`` (a failure of whatever follows).
 
 Example: ``FLEXFED_FAILPOINTS=submit-after-log FLEXFED_FAILPOINT_DIR=/tmp/fp flexfed
 coordinator serve DIR``. The failpoints the server has (see :data:`NAMES`):
@@ -24,6 +25,8 @@ coordinator serve DIR``. The failpoints the server has (see :data:`NAMES`):
     an ``expert-accepted`` entry is in the log, its registry row is not (pipeline);
 ``release-after-assembly``
     a release is assembled in staging, nothing is logged yet (lifecycle.release);
+``registry-after-log``
+    a log entry is written, its registry change not yet (Coordinator.after_log);
 ``release-after-log``
     a release is logged (assembly.json records its entry), not yet signed, stored or in
     the registry (lifecycle.release).
@@ -45,13 +48,14 @@ logger = logging.getLogger(__name__)
 
 ENV: Final = "FLEXFED_FAILPOINTS"
 DIR_ENV: Final = "FLEXFED_FAILPOINT_DIR"
-ACTIONS: Final = ("pause", "crash", "enospc")
+ACTIONS: Final = ("pause", "crash", "enospc", "error")
 NAMES: Final = (
     "upload-write",
     "upload-after-chunk",
     "submit-after-log",
     "release-after-assembly",
     "release-after-log",
+    "registry-after-log",
 )
 
 
@@ -100,6 +104,8 @@ def _trip(name: str, action: str) -> None:  # pragma: no cover - runs in a serve
     logger.warning("failpoint %s reached (%s)", name, action)
     if action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
+    if action == "error":
+        raise RuntimeError(f"failpoint {name}")
     if action == "crash":
         os.kill(os.getpid(), signal.SIGKILL)
     forever = threading.Event()

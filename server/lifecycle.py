@@ -112,7 +112,10 @@ def owner_request(
             certificate=request.certificate_pem.decode("ascii"),
         )
         index = c.log.append(event)
-        updated = c.registry.set_state(expert.expert_id, _TARGET[action], index, statement.time)
+        updated = c.after_log(
+            lambda: c.registry.set_state(expert.expert_id, _TARGET[action], index, statement.time),
+            f"{action} of {expert.expert_id}",
+        )
     logger.info(
         "%s: %s/%s (%s), log entry %d", action, expert.org, expert.name, expert.expert_id, index
     )
@@ -135,7 +138,10 @@ def revoke(coordinator: Coordinator, expert_id: str, reason: str, operator: str)
         index = c.log.append(
             _event("revocation", expert, time, reason=reason or "unspecified", signer=operator)
         )
-        updated = c.registry.set_state(expert_id, ExpertState.REVOKED, index, time)
+        updated = c.after_log(
+            lambda: c.registry.set_state(expert_id, ExpertState.REVOKED, index, time),
+            f"revocation of {expert_id}",
+        )
     logger.info("revoked %s (log entry %d): %s", expert_id, index, reason)
     return Change(updated, index, logged=True)
 

@@ -289,6 +289,8 @@ class SubmissionPipeline:
         with c.lock:
             index = c.log.append(event)  # durable first: recovery rebuilds the row from it
             failpoint("submit-after-log")  # crash tests: logged, no registry row yet
-            record = c.registry.add_expert(record_of(event, index))
+            record = c.after_log(
+                lambda: c.registry.add_expert(record_of(event, index)), f"acceptance of {digest}"
+            )
         logger.info("accepted %s/%s as %s (log entry %d)", record.org, record.name, digest, index)
         return Submission(True, record)

@@ -29,6 +29,7 @@ from flexfed.common.trust.pki import CertificateError, CrlError
 from flexfed.common.trust.release import ReleaseStateError
 from flexfed.proto.v1 import audit_pb2, registry_pb2, registry_pb2_grpc
 from flexfed.server.auth import Authorizer, Caller, abort, status_of
+from flexfed.server.consistency import recover
 from flexfed.server.coordinator import Coordinator
 from flexfed.server.lifecycle import Change, StaleRequestError, StateError, owner_request
 from flexfed.server.lifecycle import release as release_model
@@ -132,6 +133,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, request: registry_pb2.SubmitExpertRequest, context: grpc.ServicerContext
     ) -> registry_pb2.SubmitExpertResponse:
         caller = self.auth.require(context, "owner")
+        self._repair()
         result = _run(
             context,
             "SubmitExpert",
@@ -174,6 +176,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, action: str, request: registry_pb2.OwnerRequest, context: grpc.ServicerContext
     ) -> registry_pb2.OwnerRequestResponse:
         caller = self.auth.require(context, "owner")
+        self._repair()
         signed = SignedOwnerRequest.from_proto(request)
         change: Change = _run(
             context,
@@ -190,6 +193,15 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             checkpoint=checkpoint_message(self.coordinator),
         )
 
+    def _repair(self) -> None:
+        """Replay the log into the registry first if a change was left half done."""
+        c = self.coordinator
+        if c.needs_recovery:
+            with c.lock:
+                for line in recover(c):
+                    logger.warning("recovery after a failed registry write: %s", line)
+                c.needs_recovery = False
+
     def OptOut(
         self, request: registry_pb2.OwnerRequest, context: grpc.ServicerContext
     ) -> registry_pb2.OwnerRequestResponse:
@@ -204,6 +216,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, request: registry_pb2.RevokeExpertRequest, context: grpc.ServicerContext
     ) -> registry_pb2.OwnerRequestResponse:
         caller = self.auth.require(context)
+        self._repair()
         change: Change = _run(
             context,
             "RevokeExpert",
@@ -215,6 +228,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         self, request: registry_pb2.ReleaseRequest, context: grpc.ServicerContext
     ) -> registry_pb2.Release:
         self.auth.require(context)
+        self._repair()
         record = _run(
             context,
             "ReleaseModel",

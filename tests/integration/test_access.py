@@ -23,11 +23,13 @@ from flexfed.common.api.transfer import upload_artifact
 from flexfed.common.formats.anchor import Anchor
 from flexfed.common.formats.archive import ArtifactKind
 from flexfed.common.trust.owner_request import sign_owner_request
-from flexfed.proto.v1 import artifact_pb2, artifact_pb2_grpc
+from flexfed.proto.v1 import artifact_pb2, artifact_pb2_grpc, registry_pb2, registry_pb2_grpc
 from flexfed.server.app import build_server
+from flexfed.server.consistency import check
 from flexfed.server.coordinator import Coordinator, init_coordinator
-from flexfed.server.lifecycle import owner_request, release
+from flexfed.server.lifecycle import _event, owner_request, release
 from flexfed.server.pipeline import SubmissionPipeline
+from flexfed.server.registry import ExpertState
 
 pytestmark = pytest.mark.integration
 
@@ -118,3 +120,37 @@ def test_bundles_go_to_their_owner_and_releases_while_their_experts_stay(
     assert refused.value.details() == (
         "release 1 holds an expert that was since opted out or revoked; fetch a newer release"
     )
+
+
+def test_a_change_left_half_done_is_replayed_before_the_next_one(
+    consortium: Consortium,
+    coordinator: Coordinator,
+    address: str,
+    small_anchor: Anchor,
+    tmp_path: Path,
+) -> None:
+    """Coordinator.after_log gave up (its retry failed too): the opt-out is in the log, not
+    in the registry. The next change through the service replays the log first."""
+    c = consortium
+    bundles = []
+    for seed in (41, 42):
+        bundle = make_expert_bundle(small_anchor, tmp_path / f"b{seed}", "acme", seed, f"e{seed}")
+        sign_bundle(bundle, c.acme.key, c.acme.cert, [c.pki.ca_pem])
+        bundles.append(bundle)
+    channel = c.channel(address, c.acme)
+    first = upload_artifact(channel, bundles[0], ArtifactKind.EXPERT_BUNDLE, progress=False)
+    assert SubmissionPipeline(coordinator).submit(first.digest, "acme").accepted
+    expert = coordinator.registry.require_expert(first.digest)
+    coordinator.log.append(_event("opt-out", expert, "2026-12-05T09:00:00+00:00"))
+    coordinator.needs_recovery = True
+    assert coordinator.registry.require_expert(first.digest).state is ExpertState.ACCEPTED
+
+    second = upload_artifact(channel, bundles[1], ArtifactKind.EXPERT_BUNDLE, progress=False)
+    registry = registry_pb2_grpc.RegistryServiceStub(channel)
+    answer = registry.SubmitExpert(
+        registry_pb2.SubmitExpertRequest(artifact_digest=second.digest), timeout=30
+    )
+    assert answer.accepted
+    assert coordinator.registry.require_expert(first.digest).state is ExpertState.OPTED_OUT
+    assert not coordinator.needs_recovery
+    assert check(coordinator) == []

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import subprocess
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -20,11 +21,13 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import make_expert_bundle
-from consortium import Consortium, served_coordinator
+from consortium import FLEXFED, Consortium, served_coordinator
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import create_engine
 from sqlalchemy.exc import OperationalError
 
+from flexfed.client.sign import sign_bundle
+from flexfed.common.api.consortium import Connection, ConsortiumClient
 from flexfed.common.api.transfer import upload_artifact
 from flexfed.common.formats.anchor import Anchor
 from flexfed.common.formats.archive import ArtifactKind
@@ -188,3 +191,31 @@ def test_status_messages_lose_the_coordinators_paths(tmp_path: Path) -> None:
     assert scrub(f"cannot read {tmp_path}/real/store/x and /srv/pki/crl.pem") == (
         "cannot read <coordinator>/store/x and <coordinator>/crl.pem"
     )
+
+
+def test_a_registry_write_that_fails_after_its_log_entry_is_completed(
+    consortium: Consortium, small_anchor: Anchor, tmp_path: Path
+) -> None:
+    """Issue 12: an opt-out answered UNKNOWN after its log entry was written, and registry
+    and log disagreed until a restart. With every first registry write after a log entry
+    failing, submissions and opt-outs still complete, and `coordinator check` agrees."""
+    bundle = make_expert_bundle(small_anchor, tmp_path / "bundle", "acme", 1)
+    sign_bundle(bundle, consortium.acme.key, consortium.acme.cert, [consortium.pki.ca_pem])
+    env = {"FLEXFED_FAILPOINTS": "registry-after-log=error"}
+    with served_coordinator(consortium, small_anchor.path, tmp_path, ORIGIN, env=env) as served:
+        root, address = served
+        connection = Connection(
+            address, consortium.pki.ca_pem, consortium.acme.cert, consortium.acme.key
+        )
+        with ConsortiumClient(connection, timeout=30) as client:
+            expert = client.submit(bundle, progress=False).expert
+            assert expert.state == registry_pb2.EXPERT_STATE_ACCEPTED
+            client.owner_request("opt-out", expert.expert_id, "acme")
+            (listed,) = client.experts("acme")
+            assert listed.state == registry_pb2.EXPERT_STATE_OPTED_OUT
+        result = subprocess.run(
+            [str(FLEXFED), "coordinator", "check", str(root)], capture_output=True, text=True
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+    log = (tmp_path / "serve.log").read_text()
+    assert log.count("the registry write after its log entry failed; retrying") == 2
