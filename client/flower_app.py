@@ -96,12 +96,14 @@ def _client(settings: NodeSettings, plan: dict[str, Any]) -> ConsortiumClient:
 def _anchor(client: ConsortiumClient, settings: NodeSettings, digest: str = "") -> Anchor:
     """The coordinator's anchor, downloaded once per digest into the work directory."""
     published = client.anchor_info().digest
+    settings.approve_anchor(published)  # the owner's consent, before anything is fetched
     if digest and published != digest:
         raise VerificationError(
             f"the plan is for anchor {digest}, but the coordinator publishes {published}"
         )
     out = settings.work_dir / "anchors" / published.replace(":", "-")
     anchor: Anchor = client.fetch_anchor(out, progress=False)
+    settings.approve_anchor(anchor.digest)  # computed here, not announced by the coordinator
     return anchor
 
 
@@ -127,6 +129,7 @@ def _train(msg: Message, context: Context) -> TrainingAnswer:
         val_fraction=plan_value(plan, "val-fraction", float),
         device=settings.device,
     )
+    settings.check_plan(cfg.max_steps, cfg.seq_len, cfg.batch_size)
     with _client(settings, plan) as client:
         anchor = _anchor(client, settings, plan_value(plan, "anchor-digest", str))
         log.info("training %s's expert on %s", org, settings.data_path)

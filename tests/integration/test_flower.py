@@ -1,14 +1,15 @@
-"""Flower campaigns on real processes: a SuperLink, three SuperNodes and the coordinator.
+"""Flower campaigns on real processes: a SuperLink, four SuperNodes and the coordinator.
 
 Protects issue 7: the operator starts ``flower-superlink`` with TLS (the consortium CA's server
-certificate) and SuperNode authentication on, registers three owners' node keys, and the owners
+certificate) and SuperNode authentication on, registers four owners' node keys, and the owners
 start ``flower-supernode`` with their data path and credentials in ``--node-config`` (all with
 the scripts in ``deploy/flower``). A node whose key was never registered is refused. A training
 campaign (``flwr run deploy/flower-app``) makes every node fetch the anchor, train, sign and
 submit through the Consortium API; one node is killed mid-campaign and is reported while the
-campaign completes for the other two. The operator releases a model; an evaluation campaign
-returns per-owner gains on private held-out data; ``flexfed audit verify`` passes on the
-release.
+campaign completes for the other two; a fourth node, whose owner approved another anchor
+(FLEXFED_ANCHORS), refuses the campaign before fetching anything. The operator releases a
+model; an evaluation campaign returns per-owner gains on private held-out data; ``flexfed
+audit verify`` passes on the release.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ TOPICS = {
     "acme": "one plus one is two and two plus two is four",
     "globex": "the quick brown fox jumps over the lazy dog",
     "initech": "reports are due on friday with a new cover sheet",
+    "umbrella": "the owner approved another anchor than the one published",
 }
+UNAPPROVED = "0" * 64  # the only anchor umbrella's owner approved (FLEXFED_ANCHORS)
 
 
 def free_port() -> int:
@@ -141,6 +144,7 @@ def federation(
     processes = Processes()
     owners = {"acme": consortium.acme, "globex": consortium.globex}
     owners["initech"] = consortium.pki.member("initech")
+    owners["umbrella"] = consortium.pki.member("umbrella")
     try:
         # --- the coordinator (data plane), as in test_full_flow -----------------------------
         anchor = build_anchor("olmo2", root / "anchor", hidden_size=32, num_hidden_layers=2)
@@ -193,7 +197,8 @@ def federation(
             nodes[org] = processes.start(
                 [SCRIPTS / "supernode.sh", f"127.0.0.1:{port}", consortium.pki.ca_pem, key, data,
                  member.cert, member.key, home / "work", str(free_port())],
-                {**environment(home / "flwr"), "FLEXFED_DEVICE": "cpu"},
+                {**environment(home / "flwr"), "FLEXFED_DEVICE": "cpu",
+                 **({"FLEXFED_ANCHORS": UNAPPROVED} if org == "umbrella" else {})},
                 home / "supernode.log",
             )  # fmt: skip
         yield Federation(
@@ -268,7 +273,7 @@ def test_training_campaign_then_release_then_evaluation_campaign(
     train_report = tmp_path / "train.json"
     training = campaign(
         fed, train_report, campaign="train", **{"anchor-digest": fed.anchor_digest},
-        **{"min-nodes": 3, "node-wait": 60.0, "reply-timeout": 150.0, "max-steps": 2,
+        **{"min-nodes": 4, "node-wait": 60.0, "reply-timeout": 150.0, "max-steps": 2,
            "seq-len": 32, "batch-size": 2},
     )  # fmt: skip
     runs = fed.root / "initech" / "work" / "runs"
@@ -278,9 +283,13 @@ def test_training_campaign_then_release_then_evaluation_campaign(
 
     report = json.loads(train_report.read_text())
     by_name = {n["node_name"]: n for n in report["nodes"]}
-    assert sorted(by_name) == ["acme", "globex", "initech"], out
+    assert sorted(by_name) == ["acme", "globex", "initech", "umbrella"], out
     assert report["succeeded"] == 2, out
     assert by_name["initech"]["status"] == "unavailable", out  # the SuperLink noticed
+    # issue 12: umbrella's owner approved another anchor; its node refuses before fetching it
+    assert by_name["umbrella"]["status"] == "failed", out
+    assert "is not one this node's owner approved" in by_name["umbrella"]["detail"], out
+    assert not (fed.root / "umbrella" / "work" / "anchors").exists()
     assert f"initech): {by_name['initech']['status']}" in out  # reported in the run's log
     with member_client(fed, fed.consortium.auditor) as auditor:
         experts = {e.expert_id: e for e in auditor.experts()}
@@ -294,6 +303,7 @@ def test_training_campaign_then_release_then_evaluation_campaign(
         assert expert.data_commitment == answer["data_commitment"]
         assert f"{org}: node " in out and answer["expert_id"] in out
     assert not [e for e in experts.values() if e.org == "initech"]  # it died before submitting
+    assert not [e for e in experts.values() if e.org == "umbrella"]
 
     # --- the operator releases; an evaluation campaign on the surviving nodes ---------------
     operator = fed.consortium.operator

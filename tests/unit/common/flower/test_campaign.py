@@ -24,7 +24,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from flexfed.client import flower_app as client_app
-from flexfed.client.flower_node import NodeSettings
+from flexfed.client.flower_node import ConsentError, NodeSettings
 from flexfed.common.errors import ConfigError, InvalidInputError
 from flexfed.common.flower.campaign import (
     FAILED,
@@ -280,6 +280,46 @@ def test_node_settings_check_paths_and_pin_the_coordinator(tmp_path: Path) -> No
         NodeSettings.from_node_config({**config, "data_path": "x"})
     with pytest.raises(ConfigError, match="does not exist on this node"):
         NodeSettings.from_node_config({**config, "data-path": str(tmp_path / "nope")})
+
+
+def test_the_owners_consent_bounds_what_a_plan_may_ask(tmp_path: Path) -> None:
+    """Issue 12: the node trained on whatever plan arrived, for whichever anchor."""
+    for name in ("data", "cert.pem", "key.pem", "ca.pem"):
+        (tmp_path / name).write_text("x")
+    config = {
+        "data-path": str(tmp_path / "data"),
+        "cert": str(tmp_path / "cert.pem"),
+        "key": str(tmp_path / "key.pem"),
+        "ca": str(tmp_path / "ca.pem"),
+    }
+    approved = "ab" * 32
+    settings = NodeSettings.from_node_config(
+        {**config, "anchors": f"sha256:{approved}, {'cd' * 32}", "max-steps": "100",
+         "max-seq-len": 512, "max-tokens": "40000"}
+    )  # fmt: skip
+    assert settings.anchors == (approved, "cd" * 32)
+    settings.approve_anchor(approved)
+    settings.approve_anchor("sha256:" + approved)
+    with pytest.raises(ConsentError) as other:
+        settings.approve_anchor("ef" * 32)
+    assert str(other.value) == (
+        "anchor efefefefefefefef... is not one this node's owner approved (node-config anchors: "
+        "abababababababab..., cdcdcdcdcdcdcdcd...); refusing to train or evaluate on it"
+    )
+    settings.check_plan(steps=100, seq_len=50, batch_size=8)  # 40,000 tokens: at the bound
+    with pytest.raises(ConsentError, match=r"asks for 101 \(steps\), more than .* = 100\)"):
+        settings.check_plan(steps=101, seq_len=8, batch_size=1)
+    with pytest.raises(ConsentError, match=r"asks for 1024 \(seq-len\)"):
+        settings.check_plan(steps=1, seq_len=1024, batch_size=1)
+    with pytest.raises(ConsentError, match=r"asks for 40014 \(tokens\)"):
+        settings.check_plan(steps=3, seq_len=26, batch_size=513)
+    unbounded = NodeSettings.from_node_config(config)
+    unbounded.approve_anchor("ef" * 32)  # no pin: any anchor (the docs recommend a pin)
+    unbounded.check_plan(steps=10**6, seq_len=10**5, batch_size=10**3)
+    with pytest.raises(ConfigError, match="is not an anchor digest"):
+        NodeSettings.from_node_config({**config, "anchors": "tiny"})
+    with pytest.raises(ConfigError, match="max-steps must be a positive integer"):
+        NodeSettings.from_node_config({**config, "max-steps": "0"})
 
 
 def test_node_keys_are_what_flower_registers_and_loads(tmp_path: Path) -> None:
