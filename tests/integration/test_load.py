@@ -62,8 +62,8 @@ def served(
     """A coordinator directory and the address of its ``serve`` subprocess.
 
     One member may hold every transfer stream here (as many as the default workers leave
-    to transfers), so the stalled streams below fill them all."""
-    limits = {"stream_idle_seconds": IDLE, "streams_per_member": STREAMS}
+    to transfers) and as many unfinished uploads, so the stalled streams below fill them all."""
+    limits = {"stream_idle_seconds": IDLE, "streams_per_member": STREAMS, "uploads_per_member": 16}
     with served_coordinator(consortium, small_anchor.path, tmp_path, ORIGIN, limits) as served:
         assert f"workers = {WORKERS}\n" in (served[0] / "coordinator.toml").read_text()
         yield served
