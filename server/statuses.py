@@ -55,6 +55,15 @@ def _is_database_error(err: BaseException) -> bool:
     return isinstance(err, OperationalError | DBAPIError)
 
 
+# A handler's behaviour attribute, the factory that rebuilds it, whether it streams responses.
+_KINDS = (
+    ("unary_unary", grpc.unary_unary_rpc_method_handler, False),
+    ("stream_unary", grpc.stream_unary_rpc_method_handler, False),
+    ("unary_stream", grpc.unary_stream_rpc_method_handler, True),
+    ("stream_stream", grpc.stream_stream_rpc_method_handler, True),
+)
+
+
 class StatusInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,unused-ignore]
     """Wraps every handler: unexpected errors become statuses, messages lose private paths."""
 
@@ -81,30 +90,15 @@ class StatusInterceptor(grpc.ServerInterceptor):  # type: ignore[misc,unused-ign
         if handler is None:
             return None
         method = str(details.method)
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, method),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                self._unary(handler.stream_unary, method),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._streaming(handler.unary_stream, method),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(
-                self._streaming(handler.stream_stream, method),
-                handler.request_deserializer,
-                handler.response_serializer,
-            )
+        for kind, make, streaming in _KINDS:
+            behavior = getattr(handler, kind)
+            if behavior:
+                wrap = self._streaming if streaming else self._unary
+                return make(
+                    wrap(behavior, method),
+                    handler.request_deserializer,
+                    handler.response_serializer,
+                )
         return handler  # pragma: no cover - every handler has one of the four
 
     def _unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:

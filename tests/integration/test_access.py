@@ -60,6 +60,22 @@ def address(coordinator: Coordinator) -> Iterator[str]:
     built.stop(grace=None)
 
 
+def upload_bundle(
+    consortium: Consortium,
+    address: str,
+    anchor: Anchor,
+    member: Member,
+    out: Path,
+    seed: int,
+    name: str = "expert",
+) -> str:
+    """Make, sign and upload (as ``member``) an expert bundle; its artifact digest."""
+    bundle = make_expert_bundle(anchor, out, member.org, seed, name)
+    sign_bundle(bundle, member.key, member.cert, [consortium.pki.ca_pem])
+    channel = consortium.channel(address, member)
+    return upload_artifact(channel, bundle, ArtifactKind.EXPERT_BUNDLE, progress=False).digest
+
+
 def readable(consortium: Consortium, address: str, member: Member, digest: str) -> bool:
     """Whether ``member`` may read ``digest``: GetArtifact and Download must agree."""
     stub = artifact_pb2_grpc.ArtifactServiceStub(consortium.channel(address, member))
@@ -86,15 +102,8 @@ def test_bundles_go_to_their_owner_and_releases_while_their_experts_stay(
     tmp_path: Path,
 ) -> None:
     c = consortium
-    uploaded = {}
-    for member, seed in ((c.acme, 21), (c.globex, 22)):
-        bundle = make_expert_bundle(small_anchor, tmp_path / member.org, member.org, seed)
-        sign_bundle(bundle, member.key, member.cert, [c.pki.ca_pem])
-        channel = c.channel(address, member)
-        uploaded[member.org] = upload_artifact(
-            channel, bundle, ArtifactKind.EXPERT_BUNDLE, progress=False
-        ).digest
-    acme_bundle, globex_bundle = uploaded["acme"], uploaded["globex"]
+    acme_bundle = upload_bundle(c, address, small_anchor, c.acme, tmp_path / "acme", 21)
+    globex_bundle = upload_bundle(c, address, small_anchor, c.globex, tmp_path / "globex", 22)
     assert SubmissionPipeline(coordinator).submit(acme_bundle, "acme").accepted
     # globex's bundle is uploaded, not submitted: still globex's alone.
 
@@ -132,25 +141,21 @@ def test_a_change_left_half_done_is_replayed_before_the_next_one(
     """Coordinator.after_log gave up (its retry failed too): the opt-out is in the log, not
     in the registry. The next change through the service replays the log first."""
     c = consortium
-    bundles = []
-    for seed in (41, 42):
-        bundle = make_expert_bundle(small_anchor, tmp_path / f"b{seed}", "acme", seed, f"e{seed}")
-        sign_bundle(bundle, c.acme.key, c.acme.cert, [c.pki.ca_pem])
-        bundles.append(bundle)
-    channel = c.channel(address, c.acme)
-    first = upload_artifact(channel, bundles[0], ArtifactKind.EXPERT_BUNDLE, progress=False)
-    assert SubmissionPipeline(coordinator).submit(first.digest, "acme").accepted
-    expert = coordinator.registry.require_expert(first.digest)
+    first, second = (
+        upload_bundle(c, address, small_anchor, c.acme, tmp_path / f"b{s}", s, f"e{s}")
+        for s in (41, 42)
+    )
+    assert SubmissionPipeline(coordinator).submit(first, "acme").accepted
+    expert = coordinator.registry.require_expert(first)
     coordinator.log.append(_event("opt-out", expert, "2026-12-05T09:00:00+00:00"))
     coordinator.needs_recovery = True
-    assert coordinator.registry.require_expert(first.digest).state is ExpertState.ACCEPTED
+    assert coordinator.registry.require_expert(first).state is ExpertState.ACCEPTED
 
-    second = upload_artifact(channel, bundles[1], ArtifactKind.EXPERT_BUNDLE, progress=False)
-    registry = registry_pb2_grpc.RegistryServiceStub(channel)
+    registry = registry_pb2_grpc.RegistryServiceStub(c.channel(address, c.acme))
     answer = registry.SubmitExpert(
-        registry_pb2.SubmitExpertRequest(artifact_digest=second.digest), timeout=30
+        registry_pb2.SubmitExpertRequest(artifact_digest=second), timeout=30
     )
     assert answer.accepted
-    assert coordinator.registry.require_expert(first.digest).state is ExpertState.OPTED_OUT
+    assert coordinator.registry.require_expert(first).state is ExpertState.OPTED_OUT
     assert not coordinator.needs_recovery
     assert check(coordinator) == []

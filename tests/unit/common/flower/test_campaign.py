@@ -260,16 +260,20 @@ def test_a_node_without_its_data_path_answers_with_a_one_line_error(tmp_path: Pa
     )
 
 
-def test_node_settings_check_paths_and_pin_the_coordinator(tmp_path: Path) -> None:
+def node_config(tmp_path: Path) -> dict[str, str]:
+    """A node config whose files exist (their contents are not read here)."""
     for name in ("data", "cert.pem", "key.pem", "ca.pem"):
         (tmp_path / name).write_text("x")
-    config = {
+    return {
         "data-path": str(tmp_path / "data"),
         "cert": str(tmp_path / "cert.pem"),
         "key": str(tmp_path / "key.pem"),
         "ca": str(tmp_path / "ca.pem"),
-        "work-dir": str(tmp_path / "work"),
     }
+
+
+def test_node_settings_check_paths_and_pin_the_coordinator(tmp_path: Path) -> None:
+    config = {**node_config(tmp_path), "work-dir": str(tmp_path / "work")}
     settings = NodeSettings.from_node_config(config)
     assert settings.coordinator_for("a:1") == "a:1"
     pinned = NodeSettings.from_node_config({**config, "coordinator": "b:2"})
@@ -284,14 +288,7 @@ def test_node_settings_check_paths_and_pin_the_coordinator(tmp_path: Path) -> No
 
 def test_the_owners_consent_bounds_what_a_plan_may_ask(tmp_path: Path) -> None:
     """Issue 12: the node trained on whatever plan arrived, for whichever anchor."""
-    for name in ("data", "cert.pem", "key.pem", "ca.pem"):
-        (tmp_path / name).write_text("x")
-    config = {
-        "data-path": str(tmp_path / "data"),
-        "cert": str(tmp_path / "cert.pem"),
-        "key": str(tmp_path / "key.pem"),
-        "ca": str(tmp_path / "ca.pem"),
-    }
+    config = node_config(tmp_path)
     approved = "ab" * 32
     settings = NodeSettings.from_node_config(
         {**config, "anchors": f"sha256:{approved}, {'cd' * 32}", "max-steps": "100",
